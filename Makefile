@@ -1,0 +1,55 @@
+# fieldline: every target makes and fills .venv itself, so a fresh machine needs only `make`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: demo test test-all lint format bench proto venv mosquitto clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch==2.13.0 resolves to the CPU wheel that lies on this machine's disk.
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The tests and the demo run a real Mosquitto; install it when missing and we are root.
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing mosquitto with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+		echo "mosquitto is not installed and this is not root: run 'sudo apt-get install mosquitto'" >&2; \
+		echo "(make demo falls back to an embedded broker; the MQTT tests need mosquitto)" >&2; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy shared cloud
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint mosquitto
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: lint mosquitto
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP) mosquitto
+	$(BIN)/fieldline demo $(ARGS)
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
+
+proto: $(STAMP)
+	$(BIN)/python -m fieldline.shared.proto.codegen
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

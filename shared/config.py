@@ -1,0 +1,118 @@
+"""Configuration loading: pydantic-settings models read from a YAML file plus FIELDLINE_ env vars.
+
+Precedence, highest first: values given in code (CLI flags), FIELDLINE_* environment variables
+(nested with "__", e.g. FIELDLINE_MQTT__HOST), the YAML file, the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be read or does not validate."""
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]):
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+class FieldlineSettings(BaseSettings):
+    """Base for every settings model: env prefix FIELDLINE_, nested with "__"."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FIELDLINE_", env_nested_delimiter="__", extra="forbid"
+    )
+    _yaml_data: dict[str, Any] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_data = getattr(settings_cls, "_pending_yaml", {}) or {}
+        return (init_settings, env_settings, _YamlSource(settings_cls, yaml_data))
+
+
+S = TypeVar("S", bound=FieldlineSettings)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning every failure into a ConfigError naming the file."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_settings(cls: type[S], config_file: Path | None = None, **overrides: Any) -> S:
+    """Build settings from (in order) overrides, environment, YAML file, defaults."""
+    from pydantic import ValidationError
+
+    yaml_data = read_yaml(config_file) if config_file else {}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    cls._pending_yaml = yaml_data  # type: ignore[attr-defined]
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        where = f" (file {config_file})" if config_file else ""
+        raise ConfigError(f"invalid configuration{where}:\n{exc}") from exc
+    finally:
+        cls._pending_yaml = {}  # type: ignore[attr-defined]
+
+
+class CloudSettings(FieldlineSettings):
+    """The cloud controller: `fieldline cloud serve`."""
+
+    data_dir: Path = Path("./fieldline-cloud")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=7443, ge=0, le=65535)
+    max_artifact_bytes: int = Field(default=2 * 1024**3, ge=1)
+    chunk_bytes: int = Field(default=1024 * 1024, ge=4096, le=3 * 1024 * 1024)
+    default_token_ttl_s: int = Field(default=24 * 3600, ge=1)
+    # A node counts as offline when nothing was heard from it for this long.
+    offline_after_s: float = Field(default=30.0, gt=0)
+    log_level: str = "info"
+
+
+class BackoffSettings(BaseModel):
+    initial_s: float = Field(default=0.5, gt=0)
+    max_s: float = Field(default=30.0, gt=0)
+    multiplier: float = Field(default=2.0, ge=1.0)
+    jitter: float = Field(default=0.5, ge=0, le=1)
+
+
+class EdgeSettings(FieldlineSettings):
+    """The edge daemon: `fieldline edge run`."""
+
+    data_dir: Path = Path("./fieldline-edge")
+    cloud: str | None = None  # HOST:PORT of the cloud's tunnel server
+    token: str | None = None  # enrollment token, needed only on the first start
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    keepalive_s: float = Field(default=20.0, gt=0)
+    reconnect: BackoffSettings = Field(default_factory=BackoffSettings)
+    log_level: str = "info"

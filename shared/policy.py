@@ -1,0 +1,151 @@
+"""The policy document: what an edge subscribes to, which inspections it runs, how much it keeps.
+
+Delivered inside DesiredState.policy; read from YAML or JSON by `fieldline policy apply`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_TOPIC_LEN = 512
+
+
+class PolicyError(ValueError):
+    """A policy file that does not parse or validate."""
+
+
+def _check_filter(value: str) -> str:
+    """Validate an MQTT topic filter: '+' and '#' only as whole levels, '#' last."""
+    if not value or len(value) > MAX_TOPIC_LEN or "\x00" in value:
+        raise ValueError(f"bad topic filter {value!r}")
+    levels = value.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"bad topic filter {value!r}: '#' must be the whole last level")
+        if "+" in level and level != "+":
+            raise ValueError(f"bad topic filter {value!r}: '+' must be a whole level")
+    return value
+
+
+def _check_topic(value: str) -> str:
+    """Validate a topic to publish on: no wildcards."""
+    if not value or len(value) > MAX_TOPIC_LEN or any(c in value for c in "+#\x00"):
+        raise ValueError(f"bad publish topic {value!r}")
+    return value
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic-filter matching ('+' one level, '#' the rest)."""
+    f_levels = topic_filter.split("/")
+    t_levels = topic.split("/")
+    for i, f in enumerate(f_levels):
+        if f == "#":
+            return True
+        if i >= len(t_levels):
+            return False
+        if f != "+" and f != t_levels[i]:
+            return False
+    return len(f_levels) == len(t_levels)
+
+
+class Subscription(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    topic: str
+    qos: Literal[0, 1] = 1
+    # Records from this subscription are stored under this kind.
+    kind: Literal["telemetry", "event"] = "telemetry"
+
+    _topic = field_validator("topic")(_check_filter)
+
+
+class Preprocess(BaseModel):
+    """How a payload becomes the model's input tensor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # "image": PNG/JPEG bytes; "array": a JSON array (or {"values": [...]}) of numbers.
+    decoder: Literal["image", "array"] = "image"
+    resize: tuple[int, int] | None = None  # (height, width) for images
+    grayscale: bool = False
+    scale: float = 1.0 / 255.0  # applied before normalize
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+
+class Postprocess(BaseModel):
+    """How the model's output becomes a verdict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # "classify": softmax over classes, label map, defect when a defect label wins with
+    # probability >= threshold; "anomaly": the first output is a score, defect when >= threshold.
+    mode: Literal["classify", "anomaly"] = "classify"
+    softmax: bool = True
+    labels: list[str] = Field(default_factory=list)
+    defect_labels: list[str] = Field(default_factory=list)
+    threshold: float = 0.5
+
+
+class InspectionRule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    topic: str  # filter of the topics whose messages are inspected
+    model: str  # artifact name (kind onnx) assigned to the node
+    preprocess: Preprocess = Field(default_factory=Preprocess)
+    postprocess: Postprocess = Field(default_factory=Postprocess)
+    result_topic: str
+    max_batch: int = Field(default=8, ge=1, le=256)
+    max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
+    # Optional: prompt template (with {label}, {score}, {topic}) for an LLM explanation.
+    explain_template: str | None = None
+    explain_topic: str | None = None
+
+    _topic = field_validator("topic")(_check_filter)
+    _result = field_validator("result_topic")(_check_topic)
+
+
+class Retention(BaseModel):
+    """Bounds of the edge outbox; telemetry drops oldest beyond them, verdicts and events never."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_rows: int = Field(default=1_000_000, ge=100)
+    max_bytes: int = Field(default=512 * 1024 * 1024, ge=64 * 1024)
+    # Synced rows are pruned once older than this.
+    keep_synced_s: float = Field(default=3600.0, ge=0)
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(default="default", min_length=1, max_length=128)
+    subscriptions: list[Subscription] = Field(default_factory=list, max_length=256)
+    inspections: list[InspectionRule] = Field(default_factory=list, max_length=64)
+    retention: Retention = Field(default_factory=Retention)
+    sync_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    # Prompts the gateway's cache warms, and templates whose KV prefix it keeps warm.
+    prefetch_prompts: list[str] = Field(default_factory=list, max_length=256)
+    prompt_templates: list[str] = Field(default_factory=list, max_length=64)
+    # The edge may return to the previous model version by itself when one fails.
+    local_rollback: bool = True
+
+
+def load_policy(path: Path) -> Policy:
+    """Read a policy from a YAML or JSON file (JSON is YAML), with errors that name the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"policy file {path} is not valid YAML or JSON: {exc}") from exc
+    try:
+        return Policy.model_validate(data or {})
+    except ValidationError as exc:
+        raise PolicyError(f"policy file {path} is invalid:\n{exc}") from exc
