@@ -1,9 +1,49 @@
-"""The `fieldline` command: one typer app with cloud, edge and admin sub-commands."""
+"""The `fieldline` command: one typer app with cloud, edge, admin and engine sub-commands.
+
+Heavy modules (torch, grpc servers) are imported inside the commands that need them, so
+`fieldline --help` and the admin commands start fast.
+"""
+
+from __future__ import annotations
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="fieldline: edge-and-cloud deployment agent.")
+from fieldline.cli import admin_cmds, daemon_cmds
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="fieldline: edge-and-cloud deployment agent for industrial AI.",
+)
+app.add_typer(daemon_cmds.cloud_app, name="cloud")
+app.add_typer(daemon_cmds.edge_app, name="edge")
+app.add_typer(admin_cmds.token_app, name="token")
+app.add_typer(admin_cmds.key_app, name="key")
+app.add_typer(admin_cmds.artifact_app, name="artifact")
+app.add_typer(admin_cmds.nodes_app, name="nodes")
+app.command("assign")(admin_cmds.assign)
+
+
+def _mount_optional() -> None:
+    """Sub-apps whose modules may pull in heavy dependencies are mounted when present."""
+    try:
+        from fieldline.cli.engine_cmds import engine_app
+    except ImportError:  # the engine extra is part of the default install; keep the CLI usable
+        return
+    app.add_typer(engine_app, name="engine")
+
+
+@app.command("demo")
+def demo(
+    duration: float = typer.Option(60.0, help="Seconds to run before stopping everything."),
+    workdir: str = typer.Option("", help="Keep the demo's files here (default: a temp dir)."),
+) -> None:
+    """Run a whole local stack: a cloud and two edges, an artifact rolled out by label."""
+    from fieldline.cli.demo import run_demo
+
+    raise typer.Exit(run_demo(duration=duration, workdir=workdir or None))
 
 
 def main() -> None:
+    _mount_optional()
     app()

@@ -1,0 +1,128 @@
+"""HTTP client for the cloud admin API, used by the admin commands of the CLI and by the demo."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class AdminError(Exception):
+    """The API refused a request, or could not be reached; the message is for the user."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text.strip() or resp.reason_phrase
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, list):  # FastAPI validation errors
+        parts = []
+        for err in detail:
+            loc = ".".join(str(x) for x in err.get("loc", []) if x not in ("body", "query"))
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return "; ".join(parts)
+    return str(detail)
+
+
+class AdminClient:
+    """A thin, typed wrapper over the /v1 routes; raises AdminError with the API's message."""
+
+    def __init__(self, url: str, key: str | None, timeout: float = DEFAULT_TIMEOUT_S):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise AdminError(f"cannot reach the cloud at {self.url}: {exc}") from exc
+        if resp.status_code >= 400:
+            raise AdminError(f"{resp.status_code}: {_detail(resp)}", status=resp.status_code)
+        if resp.status_code == 204 or not resp.content:
+            return None
+        return resp.json()
+
+    # tokens and keys
+    def create_token(self, labels: dict[str, str], ttl_s: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"labels": labels}
+        if ttl_s is not None:
+            body["ttl_s"] = ttl_s
+        return self._request("POST", "/v1/tokens", json=body)  # type: ignore[no-any-return]
+
+    def create_key(self, role: str, name: str = "") -> dict[str, Any]:
+        return self._request("POST", "/v1/keys", json={"role": role, "name": name})  # type: ignore[no-any-return]
+
+    # nodes
+    def list_nodes(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/nodes")  # type: ignore[no-any-return]
+
+    def get_node(self, node_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/nodes/{node_id}")  # type: ignore[no-any-return]
+
+    def set_labels(self, node_id: str, labels: dict[str, str]) -> dict[str, Any]:
+        return self._request("PUT", f"/v1/nodes/{node_id}/labels", json={"labels": labels})  # type: ignore[no-any-return]
+
+    # artifacts
+    def push_artifact(
+        self,
+        path: Path,
+        *,
+        name: str,
+        version: str,
+        kind: str,
+        metadata: dict[str, Any] | None = None,
+        quantization: str | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Stream a file to the blob store; the server signs and returns the manifest."""
+
+        def chunks() -> Iterator[bytes]:
+            with path.open("rb") as f:
+                while block := f.read(UPLOAD_CHUNK_BYTES):
+                    if on_progress:
+                        on_progress(len(block))
+                    yield block
+
+        params: dict[str, str] = {"name": name, "version": version, "kind": kind}
+        if quantization:
+            params["quantization"] = quantization
+        headers = {"Content-Type": "application/octet-stream"}
+        if metadata:
+            headers["X-Fieldline-Metadata"] = json.dumps(metadata, separators=(",", ":"))
+        return self._request(  # type: ignore[no-any-return]
+            "POST", "/v1/artifacts", params=params, content=chunks(), headers=headers
+        )
+
+    def list_artifacts(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/artifacts")  # type: ignore[no-any-return]
+
+    # assignments
+    def assign(self, artifact: str, selector: str) -> dict[str, Any]:
+        return self._request(  # type: ignore[no-any-return]
+            "POST", "/v1/assignments", json={"artifact": artifact, "selector": selector}
+        )
+
+    def healthz(self) -> dict[str, Any]:
+        return self._request("GET", "/healthz")  # type: ignore[no-any-return]

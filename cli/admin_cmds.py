@@ -1,0 +1,230 @@
+"""Admin commands that talk to the cloud API: tokens, keys, artifacts, assignments, nodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from fieldline.cli.admin_client import AdminClient, AdminError
+from fieldline.cli.output import console, fail, print_json, print_table
+from fieldline.shared.schemas import LabelError, parse_labels
+
+UrlOpt = Annotated[
+    str, typer.Option("--url", envvar="FIELDLINE_URL", help="Cloud admin API base URL.")
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--key", envvar="FIELDLINE_API_KEY", help="API key (bearer).", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+token_app = typer.Typer(no_args_is_help=True, help="Enrollment tokens.")
+key_app = typer.Typer(no_args_is_help=True, help="Admin API keys.")
+artifact_app = typer.Typer(no_args_is_help=True, help="Artifacts (models, files).")
+nodes_app = typer.Typer(no_args_is_help=True, help="Edge nodes.")
+
+
+def _client(url: str, key: str | None) -> AdminClient:
+    if not key:
+        raise fail("no API key: pass --key or set FIELDLINE_API_KEY (see DATA_DIR/admin.key)", 2)
+    return AdminClient(url, key)
+
+
+def _labels(text: str) -> dict[str, str]:
+    try:
+        return parse_labels(text)
+    except LabelError as exc:
+        raise fail(str(exc), 2) from exc
+
+
+@token_app.command("create")
+def token_create(
+    labels: Annotated[str, typer.Option(help="Labels for the node, k=v[,k=v].")] = "",
+    ttl: Annotated[int | None, typer.Option(help="Lifetime in seconds.")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Mint a single-use, expiring enrollment token."""
+    with _client(url, key) as c:
+        try:
+            tok = c.create_token(_labels(labels), ttl)
+        except AdminError as exc:
+            raise fail(str(exc)) from exc
+    if as_json:
+        print_json(tok)
+    else:
+        console.print(tok["token"])
+
+
+@key_app.command("create")
+def key_create(
+    role: Annotated[str, typer.Option(help="admin, operator or viewer.")] = "viewer",
+    name: Annotated[str, typer.Option(help="A name to recognise the key by.")] = "",
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API key (shown once)."""
+    with _client(url, key) as c:
+        try:
+            created = c.create_key(role, name)
+        except AdminError as exc:
+            raise fail(str(exc)) from exc
+    if as_json:
+        print_json(created)
+    else:
+        console.print(created["key"])
+
+
+@artifact_app.command("push")
+def artifact_push(
+    path: Annotated[Path, typer.Argument(help="The file to upload.")],
+    name: Annotated[str, typer.Option(help="Artifact name.")],
+    version: Annotated[str, typer.Option(help="Artifact version.")],
+    kind: Annotated[str, typer.Option(help="onnx, llm or file.")] = "file",
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload an artifact; the cloud stores it by sha256 and signs its manifest."""
+    if not path.is_file():
+        raise fail(f"{path} is not a file", 2)
+    size = path.stat().st_size
+    with (
+        _client(url, key) as c,
+        Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=console,
+            transient=True,
+            disable=as_json,
+        ) as progress,
+    ):
+        task = progress.add_task(f"upload {path.name}", total=size)
+        try:
+            manifest = c.push_artifact(
+                path,
+                name=name,
+                version=version,
+                kind=kind,
+                on_progress=lambda n: progress.advance(task, n),
+            )
+        except AdminError as exc:
+            raise fail(str(exc)) from exc
+    if as_json:
+        print_json(manifest)
+    else:
+        console.print(
+            f"pushed {manifest['name']}@{manifest['version']} "
+            f"({manifest['size']} bytes, sha256 {manifest['sha256'][:12]}…)"
+        )
+
+
+@artifact_app.command("list")
+def artifact_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """List artifacts."""
+    with _client(url, key) as c:
+        try:
+            rows = c.list_artifacts()
+        except AdminError as exc:
+            raise fail(str(exc)) from exc
+    if as_json:
+        print_json(rows)
+        return
+    print_table(
+        rows,
+        [
+            ("name", "name"),
+            ("version", "version"),
+            ("kind", "kind"),
+            ("size", "size"),
+            ("sha256", "sha256"),
+            ("created", "created"),
+        ],
+        title="artifacts",
+    )
+
+
+def assign(
+    artifact: Annotated[str, typer.Option(help="NAME@VERSION.")],
+    selector: Annotated[str, typer.Option(help="Label selector k=v[,k=v].")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Assign an artifact to every node matching the selector."""
+    _labels(selector)
+    with _client(url, key) as c:
+        try:
+            result = c.assign(artifact, selector)
+        except AdminError as exc:
+            raise fail(str(exc)) from exc
+    if as_json:
+        print_json(result)
+    else:
+        nodes = result.get("nodes", [])
+        console.print(f"assigned {artifact} to {len(nodes)} node(s): {', '.join(nodes) or '-'}")
+
+
+NODE_COLUMNS = [
+    ("id", "node"),
+    ("online", "online"),
+    ("labels", "labels"),
+    ("desired_generation", "desired"),
+    ("applied_generation", "applied"),
+    ("active", "active"),
+    ("last_seen", "last seen"),
+]
+
+
+def node_rows(nodes: list[dict]) -> list[dict]:
+    """Flatten the API's node objects for the table."""
+    rows = []
+    for n in nodes:
+        row = dict(n)
+        active = n.get("active") or {}
+        if isinstance(active, dict):
+            row["active"] = ", ".join(f"{k}@{v}" for k, v in active.items())
+        rows.append(row)
+    return rows
+
+
+@nodes_app.command("list")
+def nodes_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """List nodes with their state."""
+    with _client(url, key) as c:
+        try:
+            nodes = c.list_nodes()
+        except AdminError as exc:
+            raise fail(str(exc)) from exc
+    if as_json:
+        print_json(nodes)
+    else:
+        print_table(node_rows(nodes), NODE_COLUMNS, title="nodes")
+
+
+@nodes_app.command("label")
+def nodes_label(
+    node_id: Annotated[str, typer.Argument(help="Node id.")],
+    labels: Annotated[str, typer.Option(help="The node's new labels, k=v[,k=v].")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace a node's labels (its desired state follows the assignments that now match)."""
+    with _client(url, key) as c:
+        try:
+            node = c.set_labels(node_id, _labels(labels))
+        except AdminError as exc:
+            raise fail(str(exc)) from exc
+    if as_json:
+        print_json(node)
+    else:
+        print_table(node_rows([node]), NODE_COLUMNS)
