@@ -91,7 +91,7 @@ def run_demo(duration: float = 60.0, workdir: str | None = None) -> int:
     try:
         with ProcessStack() as stack:
             console.print(f"[bold]fieldline demo[/bold] in {root} for {duration:.0f}s")
-            cloud, ports = start_cloud(stack, root / "cloud")
+            _cloud, ports = start_cloud(stack, root / "cloud")
             key = (root / "cloud" / "admin.key").read_text().strip()
             url = f"http://127.0.0.1:{ports['http']}"
             note(f"cloud up: admin API {url}, tunnel 127.0.0.1:{ports['grpc']}")

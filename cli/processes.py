@@ -6,6 +6,7 @@ anything it started; children are stopped in reverse order of start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -88,10 +89,8 @@ class Child:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it exited just now
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
