@@ -106,6 +106,22 @@ class BackoffSettings(BaseModel):
     jitter: float = Field(default=0.5, ge=0, le=1)
 
 
+class InspectionSettings(BaseModel):
+    """The edge's ONNX inspection runtime (edge/inspection.py)."""
+
+    # Tried in this order; those this onnxruntime build lacks are left out (CPU is the fallback).
+    providers: list[str] = Field(
+        default_factory=lambda: [
+            "TensorrtExecutionProvider",
+            "CUDAExecutionProvider",
+            "CPUExecutionProvider",
+        ]
+    )
+    intra_op_threads: int = Field(default=1, ge=1, le=64)
+    # Requests waiting per model beyond this are refused (counted as "overloaded").
+    max_queue: int = Field(default=10_000, ge=1)
+
+
 class EdgeSettings(FieldlineSettings):
     """The edge daemon: `fieldline edge run`."""
 
@@ -115,4 +131,5 @@ class EdgeSettings(FieldlineSettings):
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     keepalive_s: float = Field(default=20.0, gt=0)
     reconnect: BackoffSettings = Field(default_factory=BackoffSettings)
+    inspection: InspectionSettings = Field(default_factory=InspectionSettings)
     log_level: str = "info"
