@@ -13,8 +13,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from fieldline.shared.clock import utcnow
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fieldline.shared.clock import utcnow
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
