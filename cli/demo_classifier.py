@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import structlog
+from PIL import Image, ImageDraw
+
 from fieldline.edge.preprocess import normalize
 from fieldline.shared.policy import Postprocess, Preprocess
-from PIL import Image, ImageDraw
 
 log = structlog.get_logger(__name__)
 

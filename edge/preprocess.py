@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from fieldline.shared.policy import Postprocess, Preprocess
 from PIL import Image, UnidentifiedImageError
+
+from fieldline.shared.policy import Postprocess, Preprocess
 
 # Bounds on what one payload may cost us before we reject it.
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
@@ -92,13 +93,13 @@ def _apply_stats(x: np.ndarray, pre: Preprocess, *, channels_last: bool) -> np.n
 def _decode_image(payload: bytes, pre: Preprocess) -> np.ndarray:
     """PNG/JPEG bytes -> [H, W, C] uint8 (C = 1 when grayscale, else 3)."""
     try:
-        img = Image.open(io.BytesIO(payload))
-        if img.format not in ACCEPTED_IMAGE_FORMATS:
-            raise PayloadError("image", f"format {img.format} is not PNG or JPEG")
-        width, height = img.size
+        opened = Image.open(io.BytesIO(payload))
+        if opened.format not in ACCEPTED_IMAGE_FORMATS:
+            raise PayloadError("image", f"format {opened.format} is not PNG or JPEG")
+        width, height = opened.size
         if width * height > MAX_IMAGE_PIXELS:
             raise PayloadError("too_large", f"image of {width}x{height} pixels")
-        img = img.convert("L" if pre.grayscale else "RGB")
+        img = opened.convert("L" if pre.grayscale else "RGB")
         if pre.resize is not None:
             target_h, target_w = pre.resize
             if (height, width) != (target_h, target_w):
