@@ -154,6 +154,8 @@ class _ModelWorker:
         self.max_wait_s = 0.0
         self.stats = _Stats()
         self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._closed = False
+        self._close_lock = threading.Lock()  # no request slips in behind the stop sentinel
         self._thread = threading.Thread(target=self._loop, name=f"inspect-{self.name}", daemon=True)
 
     @property
@@ -175,8 +177,11 @@ class _ModelWorker:
 
     def stop(self) -> None:
         """Finish what is queued, then end the thread."""
-        self._queue.put(None)
-        self._thread.join(STOP_TIMEOUT_S)
+        with self._close_lock:
+            self._closed = True
+            self._queue.put(None)
+        if self._thread.ident is not None:
+            self._thread.join(STOP_TIMEOUT_S)
         if self._thread.is_alive():
             log.error("inspection worker did not stop in time", model=self.name)
         while True:  # anything the thread left behind gets an answer too
@@ -190,8 +195,13 @@ class _ModelWorker:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, req: _Request) -> None:
-        self._queue.put(req)
+    def submit(self, req: _Request) -> bool:
+        """Queue a request; False once the worker is stopping."""
+        with self._close_lock:
+            if self._closed:
+                return False
+            self._queue.put(req)
+            return True
 
     def _loop(self) -> None:
         stopping = False
@@ -462,7 +472,9 @@ class InspectionRuntime:
         if worker.depth() >= self.settings.max_queue:
             self._fail(worker, req, InspectionRejected("overloaded", "inspection queue full"))
             return req.future, False
-        worker.submit(req)
+        if not worker.submit(req):
+            self._fail(worker, req, InspectionRejected("stopped", "model is being unloaded"))
+            return req.future, False
         return req.future, True
 
     # -- results (called from worker threads) ----------------------------------------------

@@ -348,3 +348,21 @@ def test_providers_keep_config_order_and_fall_back_to_cpu() -> None:
         ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     ) == ["CPUExecutionProvider"]
     assert choose_providers(["NoSuchExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_policy_applied_before_start_serves_after_start_and_stop_drains(
+    demo: DemoModels, sink: Sink
+) -> None:
+    rt = InspectionRuntime(sink.publish, sink.store, registry=CollectorRegistry())
+    try:
+        rt.apply_policy(Policy(inspections=[rule(demo)]), {"defects": ("1", demo.int8_path)})
+        frame = make_frame(True, np.random.default_rng(9))
+        with pytest.raises(InspectionRejected) as err:
+            rt.submit("frames", frame).result(timeout=TIMEOUT_S)
+        assert err.value.reason == "stopped"
+        rt.start()
+        queued = [rt.submit("frames", frame, record_seq=i) for i in range(100)]
+    finally:
+        rt.stop()
+    assert [f.result(timeout=0).record_seq for f in queued] == list(range(100))
+    assert rt.on_inspect("line1/camera/1", frame, 1) == 0  # stopped: refused, not queued
