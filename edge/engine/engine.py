@@ -146,7 +146,14 @@ class LLMEngine:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        ids: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, params_list, strict=True):
+                ids.append(self.add_request(prompt, sp))
+        except ValueError:
+            for request_id in ids:  # all or nothing
+                self.abort(request_id)
+            raise
         pending = set(ids)
         final: dict[str, RequestOutput] = {}
         while pending:
@@ -211,6 +218,9 @@ def _tokenizer_for(config: EngineConfig, runner: Any) -> Any:
     tokenizer = getattr(runner, "tokenizer", None)
     if tokenizer is not None or not os.path.isdir(config.model):
         return tokenizer
-    from fieldline.edge.engine.tokenizer import load_tokenizer
-
+    try:
+        from fieldline.edge.engine.tokenizer import load_tokenizer
+    except ModuleNotFoundError as exc:
+        log.warning("no tokenizer module; token ids only", error=str(exc))
+        return None
     return load_tokenizer(config.model)
