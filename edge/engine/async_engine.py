@@ -54,8 +54,9 @@ class _Abort:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | EngineConfig) -> None:
+        # A config builds the engine (and loads the model) here, before start().
+        self.engine = engine if isinstance(engine, LLMEngine) else LLMEngine(engine)
         self._commands: deque[_Add | _Abort] = deque()  # loop thread -> step thread
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._lock = threading.Lock()  # held by the step thread while it touches the engine
@@ -63,10 +64,6 @@ class AsyncLLMEngine:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
-
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
-        return cls(LLMEngine(config))
 
     # -- lifecycle -------------------------------------------------------------------------
 
