@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fieldline.edge.engine.config import EngineConfig
 from fieldline.edge.engine.scheduler import Scheduler, SchedulerOutput
@@ -255,3 +257,61 @@ def test_add_rejects_requests_that_can_never_run() -> None:
         add(sched, 0, list(range(32)), max_tokens=1)
     with pytest.raises(ValueError, match="KV cache"):
         add(sched, 1, list(range(10)), max_tokens=10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+    max_tokens=st.integers(1, 12),
+    num_blocks=st.integers(13, 40),
+    max_num_seqs=st.integers(1, 6),
+    budget=st.integers(6, 64),
+    chunk=st.integers(1, 16),
+    prefix_caching=st.booleans(),
+    abort_every=st.integers(0, 5),
+)
+def test_random_workloads_keep_tokens_and_return_every_block(
+    lengths: list[int],
+    max_tokens: int,
+    num_blocks: int,
+    max_num_seqs: int,
+    budget: int,
+    chunk: int,
+    prefix_caching: bool,
+    abort_every: int,
+) -> None:
+    sched, runner = make(
+        num_blocks=num_blocks,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        max_prefill_chunk=chunk,
+        enable_prefix_caching=prefix_caching,
+    )
+    # Prompts share leading tokens so the prefix cache has something to find.
+    prompts = [
+        [(j * 7) % VOCAB if j < 12 else (i + j) % VOCAB for j in range(n)]
+        for i, n in enumerate(lengths)
+    ]
+    seqs = [add(sched, i, p, max_tokens=max_tokens) for i, p in enumerate(prompts)]
+    aborted: set[int] = set()
+    step = 0
+    while sched.has_unfinished():
+        step += 1
+        assert step < 5000
+        if abort_every and step % (abort_every * 7) == 0:
+            live = sched.running + sched.waiting
+            sched.abort(live[step % len(live)].seq_id)
+            aborted.add(live[step % len(live)].seq_id)
+        out = sched.schedule()
+        assert out.num_batched_tokens <= budget and len(out.scheduled) <= max_num_seqs
+        assert_no_shared_writable_slot(sched)
+        sched.postprocess(out, runner.execute(out.scheduled))
+        sched.block_manager.check_invariants()
+    for seq, prompt in zip(seqs, prompts, strict=True):
+        expected = reference(prompt, max_tokens)
+        if seq.seq_id in aborted:
+            assert seq.finish_reason == "abort"
+            assert seq.output_token_ids == expected[: seq.num_output_tokens]
+        else:
+            assert seq.output_token_ids == expected
+    assert_all_blocks_free(sched)
