@@ -16,7 +16,7 @@ import structlog
 from PIL import Image, ImageDraw
 
 from fieldline.edge.preprocess import normalize
-from fieldline.shared.policy import Postprocess, Preprocess
+from fieldline.shared.policy import InspectionRule, Postprocess, Preprocess
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +42,22 @@ class TrainedClassifier:
     heldout_accuracy: float
     train_seconds: float
     steps: int
+
+    def rule(
+        self, *, name: str, topic: str, model: str, result_topic: str, **extra: object
+    ) -> InspectionRule:
+        """A policy inspection rule that feeds frames to this model as it was trained."""
+        return InspectionRule.model_validate(
+            {
+                "name": name,
+                "topic": topic,
+                "model": model,
+                "result_topic": result_topic,
+                "preprocess": self.preprocess,
+                "postprocess": self.postprocess,
+                **extra,
+            }
+        )
 
 
 def demo_preprocess() -> Preprocess:

@@ -34,6 +34,8 @@ log = structlog.get_logger(__name__)
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Rejections are all counted; their log lines are limited to one per model and reason this often.
+REJECT_LOG_INTERVAL_S = 5.0
 
 PublishFn = Callable[[str, bytes], None]
 StoreFn = Callable[["Verdict"], None]
@@ -78,6 +80,43 @@ class _Metrics:
         )
 
 
+# health() of a model the policy names but no session serves.
+_EMPTY_HEALTH: dict[str, Any] = {
+    "loaded": False,
+    "version": None,
+    "providers": [],
+    "requests": 0,
+    "errors": 0,
+    "inferences": 0,
+    "queue_depth": 0,
+    "window_s": HEALTH_WINDOW_S,
+    "window_requests": 0,
+    "error_rate": 0.0,
+    "p95_latency_ms": None,
+}
+
+
+class _LogLimiter:
+    """Lets one log line per key through every interval and counts the ones it held back, so a
+    flood of garbage payloads is counted in full but does not flood the log."""
+
+    def __init__(self, interval_s: float):
+        self._interval_s = interval_s
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, key: tuple[str, str]) -> int | None:
+        """None to stay quiet; else how many were held back since the last line for this key."""
+        now = time.monotonic()
+        with self._lock:
+            last, held = self._seen.get(key, (-self._interval_s, 0))
+            if now - last < self._interval_s:
+                self._seen[key] = (last, held + 1)
+                return None
+            self._seen[key] = (now, 0)
+            return held
+
+
 class InspectionRuntime:
     """Runs the inspection rules of the active policy on the installed ONNX models.
 
@@ -113,6 +152,7 @@ class InspectionRuntime:
         self._load_errors: dict[str, str] = {}  # models with no session at all
         self._swap_errors: dict[str, str] = {}  # models whose newer version failed to load
         self._running = False
+        self._reject_log = _LogLimiter(REJECT_LOG_INTERVAL_S)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -301,15 +341,18 @@ class InspectionRuntime:
         self._metrics.errors.labels(name, exc.reason).inc()
         if worker is not None:
             worker.stats.record((time.monotonic() - req.enqueued) * 1e3, ok=False)
-        log.warning(
-            "inspection rejected",
-            model=name,
-            rule=req.rule.name,
-            topic=req.topic,
-            record_seq=req.record_seq,
-            reason=exc.reason,
-            detail=exc.detail[:200],
-        )
+        suppressed = self._reject_log.admit((name, exc.reason))
+        if suppressed is not None:
+            log.warning(
+                "inspection rejected",
+                model=name,
+                rule=req.rule.name,
+                topic=req.topic,
+                record_seq=req.record_seq,
+                reason=exc.reason,
+                detail=exc.detail[:200],
+                suppressed_since_last=suppressed,
+            )
         if self._reject is not None:
             self._call("reject", self._reject, req.topic, req.record_seq, exc.reason, exc.detail)
         req.future.set_exception(exc)
@@ -332,6 +375,8 @@ class InspectionRuntime:
             workers = dict(self._workers)
             errors = dict(self._load_errors)
             swap_errors = dict(self._swap_errors)
+        for name, error in errors.items():
+            out[name] = {**_EMPTY_HEALTH, "error": error}
         for name, worker in workers.items():
             stats = worker.stats
             cutoff = time.monotonic() - HEALTH_WINDOW_S
@@ -354,6 +399,4 @@ class InspectionRuntime:
                 "p95_latency_ms": float(np.percentile(ok_ms, 95)) if ok_ms else None,
                 "error": swap_errors.get(name),
             }
-        for name, error in errors.items():
-            out[name] = {"loaded": False, "error": error, "requests": 0, "errors": 0}
         return out

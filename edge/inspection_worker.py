@@ -205,6 +205,10 @@ class ModelWorker:
             except PayloadError as exc:
                 self._hooks.fail(self, req, InspectionRejected(exc.reason, exc.detail))
                 continue
+            except Exception as exc:  # a decoder bug fails this request, not its whole batch
+                log.exception("payload pre-processing failed", model=self.name)
+                self._hooks.fail(self, req, InspectionRejected("internal", repr(exc)))
+                continue
             groups.setdefault(sample.shape, []).append((req, sample))
         for items in groups.values():
             chunk = len(items) if model.dynamic_batch else 1

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from fieldline.shared.policy import Postprocess, Preprocess
 
@@ -107,9 +107,10 @@ def _decode_image(payload: bytes, pre: Preprocess) -> np.ndarray:
         arr = np.asarray(img, dtype=np.uint8)
     except PayloadError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        # Pillow reports truncated and corrupt streams through all of these.
-        raise PayloadError("image", f"cannot decode image: {exc}") from exc
+    except Exception as exc:
+        # Pillow's decoders report hostile streams through many types (OSError, ValueError,
+        # SyntaxError, struct.error, EOFError, DecompressionBombError, ...): all mean "bad image".
+        raise PayloadError("image", f"cannot decode image: {exc!r}") from exc
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

@@ -65,14 +65,12 @@ def rule(demo: DemoModels, **kw: object) -> InspectionRule:
         "name": "frames",
         "topic": "line1/camera/+",
         "model": "defects",
-        "preprocess": demo.trained.preprocess,
-        "postprocess": demo.trained.postprocess,
         "result_topic": RESULT_TOPIC,
         "max_batch": 8,
         "max_wait_ms": 20,
     }
     base.update(kw)
-    return InspectionRule.model_validate(base)
+    return demo.trained.rule(**base)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from fieldline.edge.preprocess import (
@@ -90,3 +95,48 @@ def test_anomaly_score() -> None:
     assert (d.label, d.defect, d.score) == ("normal", False, pytest.approx(0.3))
     with pytest.raises(PayloadError):
         postprocess_output(np.array([np.nan]), post)
+
+
+_PNG = _encode(np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cut=st.integers(0, len(_PNG)),
+    flips=st.lists(st.tuples(st.integers(0, len(_PNG) - 1), st.integers(0, 255)), max_size=8),
+    tail=st.binary(max_size=64),
+)
+def test_corrupted_images_raise_only_payload_errors(
+    cut: int, flips: list[tuple[int, int]], tail: bytes
+) -> None:
+    data = bytearray(_PNG)
+    for pos, value in flips:
+        data[pos] = value
+    payload = bytes(data[:cut]) + tail
+    try:
+        x = preprocess_payload(payload, Preprocess(grayscale=True, resize=(16, 16)))
+    except PayloadError:
+        return
+    assert x.shape == (1, 16, 16) and np.all(np.isfinite(x))
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=256) | st.text(max_size=128).map(str.encode))
+def test_arbitrary_bytes_raise_only_payload_errors(payload: bytes) -> None:
+    for pre in (Preprocess(), Preprocess(decoder="array")):
+        with contextlib.suppress(PayloadError):
+            preprocess_payload(payload, pre)
+
+
+@pytest.mark.parametrize(
+    ("side", "reason"),
+    [(8_000, "too_large"), (100_000, "image")],  # ours, then Pillow's bound
+)
+def test_a_png_claiming_huge_dimensions_is_refused_before_decoding(side: int, reason: str) -> None:
+    # Rewrite the IHDR of a real PNG to claim side x side pixels (CRC fixed up).
+    ihdr = bytearray(_PNG[12:29])  # b"IHDR" + 13 bytes of header
+    ihdr[4:12] = struct.pack(">II", side, side)
+    bomb = _PNG[:12] + bytes(ihdr) + struct.pack(">I", zlib.crc32(ihdr)) + _PNG[33:]
+    with pytest.raises(PayloadError) as err:
+        preprocess_payload(bomb, Preprocess())
+    assert err.value.reason == reason
