@@ -224,7 +224,7 @@ def train_classifier(
     export_onnx(model, onnx_path)
     calib, _ = make_dataset(CALIBRATION_FRAMES, np.random.default_rng(seed + 2))
     calibration_path = out_dir / "calibration.npz"
-    np.savez(calibration_path, **{INPUT_NAME: calib})
+    np.savez(calibration_path, **{INPUT_NAME: calib})  # type: ignore[arg-type]
     log.info(
         "demo classifier trained",
         steps=steps,
