@@ -88,6 +88,28 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
+    def first_miss_hash(self, seq: Sequence, hits: list[int]) -> int | None:
+        """Hash of seq's first full block after its cached prefix; None past its full blocks."""
+        i = len(hits)
+        if i >= (seq.num_tokens - 1) // self.block_size:
+            return None
+        parent = self.blocks[hits[-1]].hash if hits else ROOT_HASH
+        assert parent is not None
+        return hash_block(
+            parent, tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+        )
+
+    def pending_hashes(self, seq: Sequence) -> list[int]:
+        """Hashes of seq's full blocks not yet computed and registered (its prefix in flight)."""
+        hashes: list[int] = []
+        parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+        for i in range(len(seq.block_hashes), seq.num_tokens // self.block_size):
+            parent = hash_block(
+                parent, tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            )
+            hashes.append(parent)
+        return hashes
+
     def stats(self) -> BlockStats:
         return BlockStats(
             num_blocks=self.num_blocks,

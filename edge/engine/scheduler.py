@@ -161,11 +161,17 @@ class Scheduler:
         # 2. Admit waiting sequences, most urgent first; stop at the first that does not
         # fit so a large request is not overtaken forever. Nothing is admitted in a step
         # that preempted: the freed blocks would go straight back to a victim.
+        # A request whose next prefix block another sequence is computing right now waits
+        # a step and then reuses it, instead of computing the same prefix twice.
         if not out.preempted:
+            inflight = self._inflight_prefix_hashes()
             for seq in sorted(self.waiting, key=urgency):
                 if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                     break
-                num_cached = len(bm.match_prefix(seq)) * bm.block_size
+                hits = bm.match_prefix(seq)
+                if inflight and bm.first_miss_hash(seq, hits) in inflight:
+                    continue
+                num_cached = len(hits) * bm.block_size
                 num_new = min(seq.num_tokens - num_cached, self._chunk(), budget)
                 if not bm.can_allocate(seq, num_new):
                     break
@@ -176,6 +182,8 @@ class Scheduler:
                 seq.status = SequenceStatus.RUNNING
                 self._emit(out, seq, num_new)
                 budget -= num_new
+                if bm.enable_prefix_caching:
+                    inflight.update(bm.pending_hashes(seq))
 
         assert out.num_batched_tokens <= self.token_budget
         assert len(out.scheduled) <= self.config.max_num_seqs
@@ -252,6 +260,15 @@ class Scheduler:
         )
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _inflight_prefix_hashes(self) -> set[int]:
+        if not self.block_manager.enable_prefix_caching:
+            return set()
+        inflight: set[int] = set()
+        for seq in self.running:
+            if seq.num_computed_tokens < seq.num_tokens - 1:  # still prefilling
+                inflight.update(self.block_manager.pending_hashes(seq))
+        return inflight
 
     def _chunk(self) -> int:
         return self.config.max_prefill_chunk

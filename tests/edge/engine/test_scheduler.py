@@ -130,6 +130,25 @@ def test_prefix_cache_skips_shared_blocks_and_keeps_tokens() -> None:
     assert_all_blocks_free(sched)
 
 
+def test_shared_prefix_in_flight_is_computed_once() -> None:
+    sched, runner = make(max_num_batched_tokens=256, max_prefill_chunk=256)
+    shared = list(range(1, 33))  # 8 full blocks
+    a = add(sched, 0, [*shared, 40, 41], max_tokens=3)
+    b = add(sched, 1, [*shared, 50], max_tokens=3)
+    c = add(sched, 2, [90, 91, 92], max_tokens=3)  # unrelated: not held back
+    first = sched.schedule()
+    assert [s.seq for s in first.scheduled] == [a, c]
+    sched.postprocess(first, runner.execute(first.scheduled))
+    second = sched.schedule()
+    assert [(s.seq, s.num_new_tokens) for s in second.scheduled if s.seq is b] == [(b, 1)]
+    assert b.num_cached_tokens == 32
+    sched.postprocess(second, runner.execute(second.scheduled))
+    drive(sched, runner)
+    assert b.output_token_ids == reference([*shared, 50], 3)
+    assert a.output_token_ids == reference([*shared, 40, 41], 3)
+    assert_all_blocks_free(sched)
+
+
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_preemption_under_small_kv_budget_keeps_tokens(prefix_caching: bool) -> None:
     sched, runner = make(
