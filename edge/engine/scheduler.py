@@ -24,7 +24,11 @@ SLO_MIN_SAMPLES = 8  # samples needed before the budget moves
 SLO_DECREASE = 0.7  # budget multiplier when p95 is over the target
 SLO_HEADROOM = 0.8  # grow only while p95 < SLO_HEADROOM * target
 SLO_INCREASE_DIVISOR = 32  # additive growth per step: max_num_batched_tokens / this
-SLO_MIN_BUDGET = 32  # floor of the budget (capped by max_num_batched_tokens)
+SLO_MIN_BUDGET = (
+    32  # budget floor, raised to max_num_seqs (every decode fits), capped by max_num_batched_tokens
+)
+
+Urgency = tuple[int, float, int]  # (effective priority, arrival time, seq id): lower first
 
 
 @dataclass
@@ -125,17 +129,32 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        """Pick this step's work: running decodes, running prefill chunks, then admissions."""
         now = self.clock()
 
-        def urgency(s: Sequence) -> tuple[int, float, int]:
+        def urgency(s: Sequence) -> Urgency:
             return (self.effective_priority(s, now), s.arrival_time or 0.0, s.seq_id)
 
         out = SchedulerOutput()
-        budget = self.token_budget
-        scheduled: set[int] = set()
-        bm = self.block_manager
+        budget = self._schedule_running(out, self.token_budget, urgency)
+        # Nothing is admitted in a step that preempted: the freed blocks would go straight
+        # back to a victim.
+        if not out.preempted:
+            self._admit_waiting(out, budget, urgency)
+        assert out.num_batched_tokens <= self.token_budget
+        assert len(out.scheduled) <= self.config.max_num_seqs
+        self._last_step_decoded = any(
+            s.sample and s.seq.num_output_tokens > 0 for s in out.scheduled
+        )
+        return out
 
-        # 1. Running sequences: decodes first, then unfinished prefills, most urgent first.
+    def _schedule_running(
+        self, out: SchedulerOutput, budget: int, urgency: Callable[[Sequence], Urgency]
+    ) -> int:
+        """Decodes first, then unfinished prefills, most urgent first; preempt the least
+        urgent unscheduled sequence when blocks run out. Returns the budget left."""
+        bm = self.block_manager
+        scheduled: set[int] = set()
         by_urgency = sorted(self.running, key=urgency)
         decodes = [s for s in by_urgency if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in by_urgency if s.num_tokens - s.num_computed_tokens > 1]
@@ -157,40 +176,38 @@ class Scheduler:
             self._emit(out, seq, num_new)
             scheduled.add(seq.seq_id)
             budget -= num_new
+        return budget
 
-        # 2. Admit waiting sequences, most urgent first; stop at the first that does not
-        # fit so a large request is not overtaken forever. Nothing is admitted in a step
-        # that preempted: the freed blocks would go straight back to a victim.
-        # A request whose next prefix block another sequence is computing right now waits
-        # a step and then reuses it, instead of computing the same prefix twice.
-        if not out.preempted:
-            inflight = self._inflight_prefix_hashes()
-            for seq in sorted(self.waiting, key=urgency):
-                if budget == 0 or len(self.running) >= self.config.max_num_seqs:
-                    break
-                hits = bm.match_prefix(seq)
-                if inflight and bm.first_miss_hash(seq, hits) in inflight:
-                    continue
-                num_cached = len(hits) * bm.block_size
-                num_new = min(seq.num_tokens - num_cached, self._chunk(), budget)
-                if not bm.can_allocate(seq, num_new):
-                    break
-                bm.allocate(seq, num_new)
-                assert seq.num_computed_tokens == num_cached
-                self.waiting.remove(seq)
-                self.running.append(seq)
-                seq.status = SequenceStatus.RUNNING
-                self._emit(out, seq, num_new)
-                budget -= num_new
-                if bm.enable_prefix_caching:
-                    inflight.update(bm.pending_hashes(seq))
+    def _admit_waiting(
+        self, out: SchedulerOutput, budget: int, urgency: Callable[[Sequence], Urgency]
+    ) -> None:
+        """Admit waiting sequences, most urgent first, with their cached prefix.
 
-        assert out.num_batched_tokens <= self.token_budget
-        assert len(out.scheduled) <= self.config.max_num_seqs
-        self._last_step_decoded = any(
-            s.sample and s.seq.num_output_tokens > 0 for s in out.scheduled
-        )
-        return out
+        Stops at the first that does not fit, so a large request is not overtaken forever.
+        One whose next prefix block another sequence is computing right now waits a step
+        and then reuses it, instead of computing the same prefix twice.
+        """
+        bm = self.block_manager
+        inflight = self._inflight_prefix_hashes()
+        for seq in sorted(self.waiting, key=urgency):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            hits = bm.match_prefix(seq)
+            if inflight and bm.first_miss_hash(seq, hits) in inflight:
+                continue
+            num_cached = len(hits) * bm.block_size
+            num_new = min(seq.num_tokens - num_cached, self._chunk(), budget)
+            if not bm.can_allocate(seq, num_new):
+                break
+            bm.allocate(seq, num_new)
+            assert seq.num_computed_tokens == num_cached
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            seq.status = SequenceStatus.RUNNING
+            self._emit(out, seq, num_new)
+            budget -= num_new
+            if bm.enable_prefix_caching:
+                inflight.update(bm.pending_hashes(seq))
 
     def postprocess(self, output: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
         """Advance computed tokens, append sampled ones, finish stopped sequences.
