@@ -24,9 +24,7 @@ SLO_MIN_SAMPLES = 8  # samples needed before the budget moves
 SLO_DECREASE = 0.7  # budget multiplier when p95 is over the target
 SLO_HEADROOM = 0.8  # grow only while p95 < SLO_HEADROOM * target
 SLO_INCREASE_DIVISOR = 32  # additive growth per step: max_num_batched_tokens / this
-SLO_MIN_BUDGET = (
-    32  # budget floor, raised to max_num_seqs (every decode fits), capped by max_num_batched_tokens
-)
+SLO_MIN_BUDGET = 32  # budget floor; raised to max_num_seqs so every decode fits
 
 Urgency = tuple[int, float, int]  # (effective priority, arrival time, seq id): lower first
 
