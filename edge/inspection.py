@@ -146,7 +146,8 @@ class InspectionRuntime:
             fail=self._fail,
             observe_batch=lambda model, n: self._metrics.batch_size.labels(model).observe(n),
         )
-        self._lock = threading.RLock()  # guards configuration, never held during inference
+        self._lock = threading.Lock()  # short sections only: never held while loading or inferring
+        self._apply_lock = threading.Lock()  # one configuration change at a time
         self._workers: dict[str, ModelWorker] = {}
         self._rules: tuple[InspectionRule, ...] = ()
         self._load_errors: dict[str, str] = {}  # models with no session at all
@@ -184,35 +185,45 @@ class InspectionRuntime:
         """Run `policy.inspections` on the installed models (name -> (version, .onnx path)).
 
         New models are loaded, changed versions swapped in, models no rule needs any more are
-        drained and unloaded. A model that fails to load is reported by health() and its rules
-        reject requests ("no_model"); the other rules run.
+        drained and unloaded. A model that fails to load is reported by health(): its rules
+        reject requests ("no_model"), or keep the running older version when there is one.
+        Sessions are built without holding the lock that health() and requests take.
         """
-        with self._lock:
+        with self._apply_lock:
             rules = tuple(policy.inspections)
             wanted: dict[str, list[InspectionRule]] = {}
             for rule in rules:
                 wanted.setdefault(rule.model, []).append(rule)
-            self._load_errors = {}
-            self._swap_errors = {}
-            for name, model_rules in wanted.items():
+            loaded: dict[str, LoadedModel] = {}
+            load_errors: dict[str, str] = {}
+            swap_errors: dict[str, str] = {}
+            for name in wanted:
+                current = self._workers.get(name)
                 if name not in installed:
-                    self._load_errors[name] = "model not installed"
+                    load_errors[name] = "model not installed"
                     log.warning("inspection model not installed", model=name)
                     continue
-                version, path = installed[name]
+                version, path = installed[name][0], Path(installed[name][1])
+                if current is not None and (current.model.version, current.model.path) == (
+                    version,
+                    path,
+                ):
+                    continue
                 try:
-                    self._ensure_model(name, version, Path(path))
+                    loaded[name] = load_model(name, version, path, self.settings)
                 except ModelLoadError as exc:
                     log.error("inspection model failed to load", model=name, error=str(exc))
-                    if name not in self._workers:
-                        self._load_errors[name] = str(exc)
-                        continue
                     # A running older version keeps serving; the owner may roll back.
-                    self._swap_errors[name] = str(exc)
-                self._workers[name].configure(model_rules)
-            gone = [n for n in self._workers if n not in wanted]
-            retired = [self._workers.pop(n) for n in gone]
-            self._rules = rules
+                    (swap_errors if current is not None else load_errors)[name] = str(exc)
+            with self._lock:
+                self._rules = rules
+                for model in loaded.values():
+                    self._install(model)
+                for name, worker in self._workers.items():
+                    worker.configure(wanted.get(name, []))
+                gone = [n for n in self._workers if n not in wanted or n in load_errors]
+                retired = [self._workers.pop(n) for n in gone]
+                self._load_errors, self._swap_errors = load_errors, swap_errors
         for worker in retired:
             worker.stop()
             log.info("inspection model unloaded", model=worker.name)
@@ -222,34 +233,27 @@ class InspectionRuntime:
         on the old session, queued and later requests run on the new one, none is dropped.
         Raises ModelLoadError (and keeps the old version) when the new one cannot load.
         """
-        new = load_model(name, version, Path(path), self.settings)
-        with self._lock:
-            worker = self._workers.get(name)
-            if worker is None:
-                # Not active yet: serve it now, for the rules that name it.
-                worker = self._add_worker(new)
-                log.info("inspection model added", model=name, version=version)
-                return
-            old = worker.model
-            worker.swap(new)
-            self._swap_errors.pop(name, None)
-        log.info("inspection model swapped", model=name, old=old.version, new=version)
+        with self._apply_lock:
+            model = load_model(name, version, Path(path), self.settings)
+            with self._lock:
+                self._install(model)
+                self._swap_errors.pop(name, None)
 
-    def _add_worker(self, model: LoadedModel) -> ModelWorker:
+    def _install(self, model: LoadedModel) -> None:
+        """Swap `model` into its worker, or start a worker for it (caller holds self._lock)."""
+        worker = self._workers.get(model.name)
+        if worker is not None:
+            old = worker.model.version
+            worker.swap(model)
+            log.info("inspection model swapped", model=model.name, old=old, new=model.version)
+            return
         worker = ModelWorker(model, self._hooks)
         worker.configure([r for r in self._rules if r.model == model.name])
         self._workers[model.name] = worker
         self._load_errors.pop(model.name, None)
         if self._running:
             worker.start()
-        return worker
-
-    def _ensure_model(self, name: str, version: str, path: Path) -> None:
-        worker = self._workers.get(name)
-        if worker is None:
-            self._add_worker(load_model(name, version, path, self.settings))
-        elif (worker.model.version, worker.model.path) != (version, path):
-            self.swap_model(name, version, path)
+        log.info("inspection model serving", model=model.name, version=model.version)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -263,9 +267,13 @@ class InspectionRuntime:
         publish and store callbacks; failures are counted and given to `reject`.
         """
         taken = 0
-        for rule in self.rules_for(topic):
-            _, accepted = self._enqueue(rule, topic, payload, record_seq, publish=True)
-            taken += accepted
+        try:
+            for rule in self.rules_for(topic):
+                _, accepted = self._enqueue(rule, topic, payload, record_seq, publish=True)
+                taken += accepted
+        except Exception:  # the caller is a broker callback: count, log, carry on
+            self._metrics.errors.labels("", "internal").inc()
+            log.exception("inspection enqueue failed", topic=topic, record_seq=record_seq)
         return taken
 
     def submit(
