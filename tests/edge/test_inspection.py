@@ -364,3 +364,37 @@ def test_policy_applied_before_start_serves_after_start_and_stop_drains(
         rt.stop()
     assert [f.result(timeout=0).record_seq for f in queued] == list(range(100))
     assert rt.on_inspect("line1/camera/1", frame, 1) == 0  # stopped: refused, not queued
+
+
+def test_a_flood_of_garbage_mixed_with_frames_loses_no_valid_frame(
+    demo: DemoModels, runtime: InspectionRuntime, sink: Sink
+) -> None:
+    runtime.apply_policy(
+        Policy(inspections=[rule(demo, max_wait_ms=1)]), {"defects": ("1", demo.int8_path)}
+    )
+    rng = np.random.default_rng(21)
+    frames = [make_frame(i % 2 == 1, rng) for i in range(8)]
+    garbage = [
+        b"",
+        b"{not json",
+        b"\x89PNG\r\n\x1a\n" + bytes(200),
+        frames[0][:-40],
+        frames[1][:100] + bytes(rng.integers(0, 256, 300, dtype=np.uint8)),
+        bytes(rng.integers(0, 256, 5000, dtype=np.uint8)),
+    ]
+    n_valid = n_bad = 0
+    for seq in range(3000):
+        if seq % 3 == 0:
+            runtime.on_inspect("line1/camera/a", frames[seq % len(frames)], seq)
+            n_valid += 1
+        else:
+            runtime.on_inspect("line1/camera/b", garbage[seq % len(garbage)], seq)
+            n_bad += 1
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(sink.stored) + len(sink.rejected) < 3000 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(sink.stored) == len(sink.published) == n_valid
+    assert len(sink.rejected) == n_bad
+    assert {v.record_seq for v in sink.stored} == set(range(0, 3000, 3))
+    health = runtime.health()["defects"]
+    assert (health["requests"], health["errors"]) == (3000, n_bad)
