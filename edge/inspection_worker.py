@@ -29,6 +29,8 @@ from fieldline.shared.policy import InspectionRule
 log = structlog.get_logger(__name__)
 
 HEALTH_WINDOW_S = 60.0
+# health() looks at the last HEALTH_WINDOW_S seconds, or this many requests if fewer.
+HEALTH_WINDOW_MAX = 20_000
 STOP_TIMEOUT_S = 10.0
 
 
@@ -84,7 +86,10 @@ class Stats:
     requests: int = 0
     errors: int = 0
     inferences: int = 0
-    window: deque[tuple[float, float, bool]] = field(default_factory=deque)  # (t, ms, ok)
+    # (monotonic t, latency ms, ok) of recent requests
+    window: deque[tuple[float, float, bool]] = field(
+        default_factory=lambda: deque(maxlen=HEALTH_WINDOW_MAX)
+    )
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, latency_ms: float, ok: bool) -> None:
