@@ -12,6 +12,8 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
     """Send structured logs to stderr; JSON lines when json=True (for journald and containers)."""
     lvl = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(stream=sys.stderr, level=lvl, format="%(message)s", force=True)
+    # APScheduler narrates every job at INFO; its warnings (missed runs) still show.
+    logging.getLogger("apscheduler").setLevel(max(lvl, logging.WARNING))
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )

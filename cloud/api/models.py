@@ -1,0 +1,125 @@
+"""Request and response bodies of the admin API (pydantic), one group per resource."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from fieldline.cloud.store.auth import Role
+from fieldline.shared.schemas import LabelError, parse_labels, validate_labels
+
+
+def _labels_any(value: Any) -> dict[str, str]:
+    """Labels given as "k=v,k2=v2" or as an object; a LabelError becomes a 422."""
+    try:
+        if isinstance(value, str):
+            return parse_labels(value)
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            return validate_labels(value)
+    except LabelError as exc:
+        raise ValueError(str(exc)) from exc
+    raise ValueError('labels must be "k=v,..." or an object of strings')
+
+
+class KeyCreate(BaseModel):
+    role: Role
+    name: str = Field(default="", max_length=128)
+
+
+class KeyCreated(BaseModel):
+    id: str
+    name: str
+    role: Role
+    key: str
+
+
+class TokenCreate(BaseModel):
+    labels: dict[str, str] = Field(default_factory=dict)
+    ttl_s: int | None = Field(default=None, ge=1, le=365 * 24 * 3600)
+
+    _labels = field_validator("labels", mode="before")(_labels_any)
+
+
+class TokenCreated(BaseModel):
+    id: str
+    token: str
+    labels: dict[str, str]
+    expires_at: datetime
+
+
+class LabelsUpdate(BaseModel):
+    labels: dict[str, str]
+
+    _labels = field_validator("labels", mode="before")(_labels_any)
+
+
+class NodePublic(BaseModel):
+    id: str
+    labels: dict[str, str]
+    online: bool
+    created: datetime
+    last_seen: datetime | None
+    desired_generation: int
+    applied_generation: int
+    artifacts: list[dict[str, Any]] = Field(default_factory=list)
+    active: dict[str, str] = Field(default_factory=dict)
+    errors: list[str] = Field(default_factory=list)
+    health: dict[str, Any] = Field(default_factory=dict)
+    node_info: dict[str, Any] = Field(default_factory=dict)
+    synced_seq: int = 0
+
+
+class AssignmentCreate(BaseModel):
+    artifact: str = Field(description="NAME@VERSION", max_length=300)
+    selector: dict[str, str]
+
+    _selector = field_validator("selector", mode="before")(_labels_any)
+
+    @field_validator("artifact")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        name, sep, version = v.partition("@")
+        if not sep or not name or not version:
+            raise ValueError("artifact must be NAME@VERSION")
+        return v
+
+
+class AssignmentPublic(BaseModel):
+    id: int
+    artifact: str
+    selector: dict[str, str]
+    nodes: list[str]
+
+
+class PolicyApply(BaseModel):
+    policy: dict[str, Any]
+    selector: dict[str, str]
+
+    _selector = field_validator("selector", mode="before")(_labels_any)
+
+
+class PolicyApplied(BaseModel):
+    id: int
+    name: str
+    selector: dict[str, str]
+    nodes: list[str]
+
+
+class RecordPublic(BaseModel):
+    node_id: str
+    seq: int
+    kind: str
+    topic: str
+    ts_ms: int
+    received_ms: int
+    payload: Any = Field(description="JSON payloads as JSON, others as base64 text")
+    payload_encoding: str
+
+
+class RecordPage(BaseModel):
+    records: list[RecordPublic]
+    next_cursor: str | None

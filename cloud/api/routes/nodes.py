@@ -1,0 +1,53 @@
+"""/v1/nodes: the fleet, each node with its connection, generations and artifacts."""
+
+from fastapi import APIRouter, HTTPException
+
+from fieldline.cloud.api.deps import ContextDep, OperatorKey, ViewerKey
+from fieldline.cloud.api.models import LabelsUpdate, NodePublic
+from fieldline.cloud.context import CloudContext
+from fieldline.cloud.store import nodes as node_store
+from fieldline.shared.schemas import ObservedState
+
+router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+
+
+def node_public(ctx: CloudContext, node: node_store.NodeRow) -> NodePublic:
+    observed = ObservedState.model_validate_json(node.observed) if node.observed else None
+    return NodePublic(
+        id=node.id,
+        labels=node.labels,
+        online=ctx.sessions.connected(node.id),
+        created=node.created,
+        last_seen=node.last_seen,
+        desired_generation=node.desired_generation,
+        applied_generation=node.applied_generation,
+        artifacts=[a.model_dump(mode="json") for a in observed.artifacts] if observed else [],
+        active=observed.active if observed else {},
+        errors=observed.errors if observed else [],
+        health=observed.health if observed else {},
+        node_info=node.node_info,
+        synced_seq=node.synced_seq,
+    )
+
+
+@router.get("")
+def list_nodes(ctx: ContextDep, _: ViewerKey) -> list[NodePublic]:
+    return [node_public(ctx, n) for n in node_store.list_nodes(ctx.db)]
+
+
+@router.get("/{node_id}")
+def get_node(node_id: str, ctx: ContextDep, _: ViewerKey) -> NodePublic:
+    try:
+        return node_public(ctx, node_store.get_node(ctx.db, node_id=node_id))
+    except node_store.NodeNotFound:
+        raise HTTPException(404, f"node {node_id} not found") from None
+
+
+@router.put("/{node_id}/labels")
+def set_labels(node_id: str, body: LabelsUpdate, ctx: ContextDep, _: OperatorKey) -> NodePublic:
+    try:
+        node_store.set_labels(ctx.db, node_id=node_id, labels=body.labels)
+    except node_store.NodeNotFound:
+        raise HTTPException(404, f"node {node_id} not found") from None
+    ctx.desired.refresh(node_id)
+    return node_public(ctx, node_store.get_node(ctx.db, node_id=node_id))

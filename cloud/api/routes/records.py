@@ -1,0 +1,68 @@
+"""/v1/records: what the edges ingested and decided, filtered and paged."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+
+from fieldline.cloud.api.deps import ContextDep, ViewerKey
+from fieldline.cloud.api.models import RecordPage, RecordPublic
+from fieldline.cloud.store import records as record_store
+
+router = APIRouter(prefix="/v1/records", tags=["records"])
+MAX_LIMIT = 1000
+
+
+def _cursor(text: str | None) -> tuple[str, int] | None:
+    if not text:
+        return None
+    node, sep, seq = text.rpartition(":")
+    if not sep or not seq.isdigit():
+        raise HTTPException(422, "cursor must be the next_cursor of a previous page")
+    return node, int(seq)
+
+
+def _public(r: record_store.RecordRow) -> RecordPublic:
+    try:
+        payload, enc = json.loads(r.payload), "json"
+    except (UnicodeDecodeError, ValueError):
+        payload, enc = base64.b64encode(r.payload).decode(), "base64"
+    return RecordPublic(
+        node_id=r.node_id,
+        seq=r.seq,
+        kind=r.kind,
+        topic=r.topic,
+        ts_ms=r.ts_ms,
+        received_ms=r.received_ms,
+        payload=payload,
+        payload_encoding=enc,
+    )
+
+
+@router.get("")
+def list_records(
+    ctx: ContextDep,
+    _: ViewerKey,
+    node: str | None = None,
+    kind: Annotated[str | None, Query(pattern="^(telemetry|verdict|event)$")] = None,
+    topic: str | None = None,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+) -> RecordPage:
+    rows = record_store.query_records(
+        ctx.db,
+        node_id=node,
+        kind=kind,
+        topic=topic,
+        since_ms=since_ms,
+        until_ms=until_ms,
+        after=_cursor(cursor),
+        limit=limit,
+    )
+    next_cursor = f"{rows[-1].node_id}:{rows[-1].seq}" if len(rows) == limit else None
+    return RecordPage(records=[_public(r) for r in rows], next_cursor=next_cursor)

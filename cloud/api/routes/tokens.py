@@ -1,0 +1,16 @@
+"""/v1/tokens: single-use, expiring enrollment tokens that carry a node's labels."""
+
+from fastapi import APIRouter
+
+from fieldline.cloud.api.deps import ContextDep, OperatorKey
+from fieldline.cloud.api.models import TokenCreate, TokenCreated
+from fieldline.cloud.store import auth as auth_store
+
+router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
+
+
+@router.post("", status_code=201)
+def create_token(body: TokenCreate, ctx: ContextDep, _: OperatorKey) -> TokenCreated:
+    ttl = body.ttl_s or ctx.settings.default_token_ttl_s
+    tok, secret = auth_store.create_token(ctx.db, labels=body.labels, ttl_s=ttl)
+    return TokenCreated(id=tok.id, token=secret, labels=tok.labels, expires_at=tok.expires_at)

@@ -1,0 +1,70 @@
+"""Everything one running cloud owns, built once at start and handed to the API and the tunnel."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fieldline.cloud.blobs import BlobStore
+from fieldline.cloud.desired import DesiredStateService
+from fieldline.cloud.metrics import CloudMetrics
+from fieldline.cloud.records import RecordIngestor
+from fieldline.cloud.sessions import SessionRegistry
+from fieldline.cloud.store import auth as auth_store
+from fieldline.cloud.store.db import Database
+from fieldline.shared.config import CloudSettings
+from fieldline.shared.signing import load_or_create_key, public_key_bytes
+
+ADMIN_KEY_FILE = "admin.key"
+
+
+@dataclass
+class CloudContext:
+    settings: CloudSettings
+    db: Database
+    blobs: BlobStore
+    signing_key: Ed25519PrivateKey
+    metrics: CloudMetrics
+    sessions: SessionRegistry
+    desired: DesiredStateService
+    records: RecordIngestor
+    # The admin key's secret when this start created it (printed once), else None.
+    new_admin_key: str | None = None
+
+    @property
+    def public_key(self) -> bytes:
+        return public_key_bytes(self.signing_key)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_context(settings: CloudSettings) -> CloudContext:
+    """Open (and on first start create) the data directory: store, blobs, signing key, admin key."""
+    data: Path = settings.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    os.chmod(data, 0o700)
+    db = Database(data / "cloud.db")
+    metrics = CloudMetrics()
+    sessions = SessionRegistry()
+    ctx = CloudContext(
+        settings=settings,
+        db=db,
+        blobs=BlobStore(data / "blobs"),
+        signing_key=load_or_create_key(data / "signing.key"),
+        metrics=metrics,
+        sessions=sessions,
+        desired=DesiredStateService(db, sessions, metrics),
+        records=RecordIngestor(db, metrics),
+    )
+    if auth_store.count_api_keys(db) == 0:
+        _, secret = auth_store.create_api_key(db, name="admin", role=auth_store.Role.admin)
+        key_file = data / ADMIN_KEY_FILE
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        ctx.new_admin_key = secret
+    return ctx

@@ -1,0 +1,124 @@
+"""The cloud's SQLite database: opening it (WAL), its schema, and the lock every query takes.
+
+All SQL of the cloud lives in this package behind keyword-only functions, so a server-database
+backend is an addition, not a rewrite.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlite_utils
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    role TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    labels TEXT NOT NULL,
+    created TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    used_at TEXT,
+    node_id TEXT
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    node_info TEXT NOT NULL DEFAULT '{}',
+    created TEXT NOT NULL,
+    last_seen TEXT,
+    desired_generation INTEGER NOT NULL DEFAULT 0,
+    desired TEXT,
+    applied_generation INTEGER NOT NULL DEFAULT 0,
+    observed TEXT,
+    synced_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    created TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE INDEX IF NOT EXISTS artifacts_sha256 ON artifacts (sha256);
+CREATE TABLE IF NOT EXISTS assignments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    artifact_name TEXT NOT NULL,
+    artifact_version TEXT NOT NULL,
+    selector TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policies (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    document TEXT NOT NULL,
+    selector TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    node_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (node_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_ts ON records (ts_ms);
+"""
+
+
+class Database:
+    """One SQLite connection shared by the API threads and the gRPC loop, behind a lock.
+
+    Queries are short; a lock around one connection is simpler and faster here than a pool.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA)
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite_utils.Database]:
+        with self._lock:
+            yield self.db
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite_utils.Database]:
+        """A transaction: committed when the block ends, rolled back if it raises."""
+        with self._lock:
+            conn = self.db.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()

@@ -1,0 +1,120 @@
+"""Nodes: credentials, labels, what they said about themselves, desired and observed state."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fieldline.cloud.store.db import Database
+from fieldline.shared.clock import utcnow
+from fieldline.shared.ids import hash_secret, secret_matches
+
+
+class NodeNotFound(Exception):
+    pass
+
+
+@dataclass
+class NodeRow:
+    id: str
+    labels: dict[str, str]
+    node_info: dict[str, Any]
+    created: datetime
+    last_seen: datetime | None
+    desired_generation: int
+    desired: str | None  # DesiredState JSON
+    applied_generation: int
+    observed: str | None  # ObservedState JSON
+    synced_seq: int
+
+
+def _row(r: dict[str, Any]) -> NodeRow:
+    return NodeRow(
+        id=r["id"],
+        labels=json.loads(r["labels"]),
+        node_info=json.loads(r["node_info"] or "{}"),
+        created=datetime.fromisoformat(r["created"]),
+        last_seen=datetime.fromisoformat(r["last_seen"]) if r["last_seen"] else None,
+        desired_generation=r["desired_generation"],
+        desired=r["desired"],
+        applied_generation=r["applied_generation"],
+        observed=r["observed"],
+        synced_seq=r["synced_seq"],
+    )
+
+
+def create_node(
+    db: Database, *, node_id: str, secret: str, labels: dict[str, str], node_info: dict[str, Any]
+) -> None:
+    with db.write() as d:
+        d["nodes"].insert(
+            {
+                "id": node_id,
+                "secret_hash": hash_secret(secret),
+                "labels": json.dumps(labels),
+                "node_info": json.dumps(node_info),
+                "created": utcnow().isoformat(),
+                "last_seen": None,
+                "desired_generation": 0,
+                "desired": None,
+                "applied_generation": 0,
+                "observed": None,
+                "synced_seq": 0,
+            }
+        )
+
+
+def authenticate_node(db: Database, *, node_id: str, secret: str) -> bool:
+    with db.read() as d:
+        rows = list(d["nodes"].rows_where("id = ?", [node_id], select="secret_hash"))
+    return bool(rows) and secret_matches(secret, rows[0]["secret_hash"])
+
+
+def get_node(db: Database, *, node_id: str) -> NodeRow:
+    with db.read() as d:
+        rows = list(d["nodes"].rows_where("id = ?", [node_id]))
+    if not rows:
+        raise NodeNotFound(node_id)
+    return _row(rows[0])
+
+
+def list_nodes(db: Database) -> list[NodeRow]:
+    with db.read() as d:
+        return [_row(r) for r in d["nodes"].rows_where(order_by="created, id")]
+
+
+def set_labels(db: Database, *, node_id: str, labels: dict[str, str]) -> None:
+    with db.write() as d:
+        if d["nodes"].count_where("id = ?", [node_id]) == 0:
+            raise NodeNotFound(node_id)
+        d["nodes"].update(node_id, {"labels": json.dumps(labels)})
+
+
+def touch_node(db: Database, *, node_id: str, node_info: dict[str, Any] | None = None) -> None:
+    """Record that the node was heard from (and what it says about itself, on hello)."""
+    values: dict[str, Any] = {"last_seen": utcnow().isoformat()}
+    if node_info is not None:
+        values["node_info"] = json.dumps(node_info)
+    with db.write() as d:
+        d["nodes"].update(node_id, values)
+
+
+def set_desired(db: Database, *, node_id: str, generation: int, desired_json: str) -> None:
+    with db.write() as d:
+        d["nodes"].update(node_id, {"desired_generation": generation, "desired": desired_json})
+
+
+def set_observed(
+    db: Database, *, node_id: str, applied_generation: int, observed_json: str
+) -> None:
+    with db.write() as d:
+        d["nodes"].update(
+            node_id,
+            {
+                "applied_generation": applied_generation,
+                "observed": observed_json,
+                "last_seen": utcnow().isoformat(),
+            },
+        )

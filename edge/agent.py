@@ -1,0 +1,200 @@
+"""The edge daemon: owns the store, the tunnel, the reconciler and the scheduler, in start order.
+
+`run_edge` is what `fieldline edge run` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from pydantic import ValidationError
+
+from fieldline.edge.enroll import EnrollmentError, enroll
+from fieldline.edge.installer import ArtifactInstaller
+from fieldline.edge.reconciler import Reconciler
+from fieldline.edge.store import EdgeStore
+from fieldline.edge.tunnel import TunnelClient
+from fieldline.shared.config import EdgeSettings
+from fieldline.shared.logs import configure_logging
+from fieldline.shared.proto import tunnel_pb2 as pb
+from fieldline.shared.schemas import DesiredState, NodeInfo, ObservedState
+
+log = structlog.get_logger(__name__)
+
+AGENT_VERSION = "0.1.0"
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+
+class AgentError(Exception):
+    """The agent cannot start (no credential and no token, enrollment refused, ...)."""
+
+
+class EdgeAgent:
+    """Start order: store, credential, tunnel, reconciler, scheduler; stop runs in reverse."""
+
+    def __init__(self, settings: EdgeSettings):
+        self.settings = settings
+        self.store: EdgeStore | None = None
+        self.tunnel: TunnelClient | None = None
+        self.reconciler: Reconciler | None = None
+        self.scheduler: AsyncIOScheduler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._cleanup: list[Callable[[], Awaitable[None]]] = []
+        # Data-plane components add themselves here; each returns its part of the health report.
+        self.health_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+
+    async def start(self) -> None:
+        s = self.settings
+        self.store = store = EdgeStore(s.data_dir)
+        self._cleanup.append(self._close_store)
+        cloud = s.cloud or store.get_meta("cloud")
+        node_info = NodeInfo.of_this_host(AGENT_VERSION)
+        credential = store.credential()
+        if credential is None:
+            if not (cloud and s.token):
+                raise AgentError(
+                    f"{s.data_dir} holds no node credential: the first start needs "
+                    "--cloud HOST:PORT and --token TOKEN"
+                )
+            try:
+                credential = await enroll(store, cloud=cloud, token=s.token, node_info=node_info)
+            except EnrollmentError as exc:
+                raise AgentError(str(exc)) from exc
+            log.info("enrolled", node=credential.node_id, cloud=cloud)
+        elif s.cloud and s.cloud != store.get_meta("cloud"):
+            store.set_meta(cloud=s.cloud)
+        if cloud is None:
+            raise AgentError("no cloud address: pass --cloud HOST:PORT")
+
+        installer = ArtifactInstaller(store, credential.cloud_public_key)
+        self.tunnel = tunnel = TunnelClient(
+            s,
+            cloud,
+            credential,
+            node_info,
+            on_desired=self._on_desired,
+            on_connected=self._on_connected,
+            applied_generation=self._applied_generation,
+        )
+        self.reconciler = reconciler = Reconciler(
+            store, installer, tunnel.fetch, self._report, health=self.health
+        )
+        # The last persisted desired state applies at once, with or without the cloud.
+        reconciler.wake()
+        self._tasks.append(asyncio.create_task(reconciler.run(), name="reconciler"))
+        self._tasks.append(asyncio.create_task(tunnel.run(), name="tunnel"))
+        self._cleanup.append(tunnel.stop)
+
+        self.scheduler = AsyncIOScheduler()
+        self.scheduler.add_job(
+            tunnel.heartbeat,
+            "interval",
+            seconds=s.heartbeat_interval_s,
+            id="heartbeat",
+            max_instances=1,
+            coalesce=True,
+        )
+        self.scheduler.start()
+        self._cleanup.append(self._stop_scheduler)
+        log.info("edge agent started", node=credential.node_id, data=str(s.data_dir))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for step in reversed(self._cleanup):
+            try:
+                await step()
+            except Exception:  # keep stopping the rest; say what failed
+                log.exception("error while stopping", step=getattr(step, "__name__", str(step)))
+        self._cleanup.clear()
+
+    async def _stop_scheduler(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+
+    async def _close_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    def health(self) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        if self.tunnel is not None:
+            report["tunnel"] = {
+                "connected": self.tunnel.connected,
+                "rtt_ms": self.tunnel.last_rtt_ms,
+            }
+        for name, source in self.health_sources.items():
+            try:
+                report[name] = source()
+            except Exception as exc:  # one broken source must not hide the others
+                log.exception("health source failed", source=name)
+                report[name] = {"error": str(exc)}
+        return report
+
+    def _applied_generation(self) -> int:
+        observed = self.store.observed() if self.store else None
+        return observed.applied_generation if observed else 0
+
+    async def _on_desired(self, push: pb.DesiredStatePush) -> None:
+        assert self.store is not None and self.reconciler is not None
+        try:
+            desired = DesiredState.model_validate_json(push.desired_json)
+        except ValidationError as exc:
+            log.error("desired state from the cloud does not validate", error=str(exc)[:300])
+            return
+        if desired.generation != push.generation:
+            log.error("desired state generation mismatch", push=push.generation)
+            return
+        # Persist before acting, so a crash or reboot resumes from this generation.
+        if self.store.save_desired(desired):
+            log.info("desired state received", generation=desired.generation)
+            self.reconciler.wake()
+
+    async def _on_connected(self) -> None:
+        # The cloud may have restarted or missed reports: tell it where we are.
+        observed = self.store.observed() if self.store else None
+        if observed is not None:
+            self._report(observed)
+
+    def _report(self, observed: ObservedState) -> None:
+        if self.tunnel is not None:
+            self.tunnel.send(
+                pb.EdgeMessage(
+                    observed=pb.ObservedStateReport(observed_json=observed.model_dump_json())
+                )
+            )
+
+
+async def _run(settings: EdgeSettings) -> int:
+    agent = EdgeAgent(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+    except AgentError as exc:
+        print(f"fieldline edge: {exc}", file=sys.stderr)
+        await agent.stop()
+        return EXIT_CONFIG
+    await stop.wait()
+    log.info("edge agent stopping")
+    await agent.stop()
+    return EXIT_OK
+
+
+def run_edge(settings: EdgeSettings) -> int:
+    """Run the daemon until SIGINT/SIGTERM; returns the exit code."""
+    configure_logging(settings.log_level)
+    return asyncio.run(_run(settings))

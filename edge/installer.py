@@ -1,0 +1,197 @@
+"""Artifact installation: verify the signature, download with resume, check the hash, install atomically.
+
+Layout under DATA/artifacts:
+    .partial/<sha256>.part        bytes downloaded so far (resume point after a cut or kill -9)
+    <name>/<version>/<name>       an installed version (read-only)
+    <name>/active -> <version>    the version in use, switched by an atomic rename
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import structlog
+
+from fieldline.edge.store import EdgeStore
+from fieldline.shared.schemas import ArtifactManifest, ArtifactState, SignedManifest
+from fieldline.shared.signing import SignatureError, verify_manifest
+
+log = structlog.get_logger(__name__)
+
+HASH_BLOCK = 1024 * 1024
+
+# (sha256, offset) -> chunks of bytes from that offset
+Fetcher = Callable[[str, int], AsyncIterator[bytes]]
+
+
+class InstallError(Exception):
+    """An artifact that cannot be installed; the message goes into the observed state."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ArtifactInstaller:
+    def __init__(self, store: EdgeStore, public_key: bytes):
+        self.store = store
+        self.public_key = public_key
+        self.root = store.data_dir / "artifacts"
+        self.partial = self.root / ".partial"
+        self.partial.mkdir(parents=True, exist_ok=True)
+
+    def verify(self, signed: SignedManifest) -> ArtifactManifest:
+        try:
+            return verify_manifest(self.public_key, signed)
+        except SignatureError as exc:
+            raise InstallError(str(exc)) from exc
+
+    def version_dir(self, m: ArtifactManifest) -> Path:
+        return self.root / m.name / m.version
+
+    def installed_path(self, m: ArtifactManifest) -> Path:
+        return self.version_dir(m) / m.name
+
+    def is_installed(self, m: ArtifactManifest) -> bool:
+        row = self.store.artifact(m.name, m.version)
+        return (
+            row is not None
+            and row.sha256 == m.sha256
+            and row.state in (ArtifactState.installed, ArtifactState.active)
+            and self.installed_path(m).is_file()
+        )
+
+    async def install(
+        self,
+        signed: SignedManifest,
+        fetch: Fetcher,
+        on_progress: Callable[[int, int], Awaitable[None]] | None = None,
+    ) -> ArtifactManifest:
+        """Verify, download (resuming), check and install one artifact; does not activate it."""
+        m = self.verify(signed)
+        if self.is_installed(m):
+            return m
+        self.store.set_artifact(
+            name=m.name,
+            version=m.version,
+            sha256=m.sha256,
+            kind=m.kind.value,
+            state=ArtifactState.downloading,
+        )
+        part = self.partial / f"{m.sha256}.part"
+        have = part.stat().st_size if part.exists() else 0
+        if have > m.size:  # cannot be a prefix of this artifact
+            part.unlink()
+            have = 0
+        if have < m.size:
+            log.info("downloading", artifact=m.ref, size=m.size, resume_from=have)
+            with part.open("ab") as f:
+                async for block in fetch(m.sha256, have):
+                    f.write(block)
+                    have += len(block)
+                    if have > m.size:
+                        break
+                    if on_progress:
+                        await on_progress(have, m.size)
+                f.flush()
+                os.fsync(f.fileno())
+        if have != m.size:
+            part.unlink(missing_ok=True)
+            raise InstallError(f"{m.ref}: size {have} differs from the manifest's {m.size}")
+        digest = sha256_of(part)
+        if digest != m.sha256:
+            part.unlink(missing_ok=True)
+            raise InstallError(
+                f"{m.ref}: sha256 mismatch (got {digest[:12]}…, manifest {m.sha256[:12]}…); refused"
+            )
+        target_dir = self.version_dir(m)
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = self.installed_path(m)
+        os.chmod(part, 0o444)
+        os.replace(part, target)
+        _fsync_dir(target_dir)
+        self.store.set_artifact(
+            name=m.name,
+            version=m.version,
+            sha256=m.sha256,
+            kind=m.kind.value,
+            state=ArtifactState.installed,
+            path=str(target),
+        )
+        log.info("installed", artifact=m.ref, path=str(target))
+        return m
+
+    def activate(self, m: ArtifactManifest) -> None:
+        """Point <name>/active at this version (atomic rename), keep the previous, drop older ones."""
+        name_dir = self.root / m.name
+        link = name_dir / "active"
+        tmp = name_dir / ".active.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(m.version, tmp)
+        os.replace(tmp, link)
+        _fsync_dir(name_dir)
+        replaced = self.store.set_active(m.name, m.version)
+        old = self.store.artifact(m.name, replaced) if replaced else None
+        if old is not None:  # kept, installed but not active, for rollback
+            self.store.set_artifact(
+                name=old.name,
+                version=old.version,
+                sha256=old.sha256,
+                kind=old.kind,
+                state=ArtifactState.installed,
+                path=old.path,
+            )
+        self.store.set_artifact(
+            name=m.name,
+            version=m.version,
+            sha256=m.sha256,
+            kind=m.kind.value,
+            state=ArtifactState.active,
+            path=str(self.installed_path(m)),
+        )
+        self._prune(m.name)
+        log.info("activated", artifact=m.ref, previous=replaced)
+
+    def _prune(self, name: str) -> None:
+        """Keep the active and the previous version of `name`; delete the rest."""
+        keep = {self.store.active().get(name), self.store.previous(name)}
+        for row in self.store.artifacts():
+            if (
+                row.name == name
+                and row.version not in keep
+                and row.state != ArtifactState.downloading
+            ):
+                shutil.rmtree(self.root / name / row.version, ignore_errors=True)
+                self.store.delete_artifact(name, row.version)
+
+    def mark_failed(self, signed: SignedManifest, error: str) -> None:
+        try:
+            m = signed.manifest
+        except ValueError:
+            return
+        self.store.set_artifact(
+            name=m.name,
+            version=m.version,
+            sha256=m.sha256,
+            kind=m.kind.value,
+            state=ArtifactState.failed,
+            error=error,
+        )
