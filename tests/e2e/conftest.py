@@ -25,7 +25,9 @@ EDGE_ENV = {
 CLOUD_ENV = {"FIELDLINE_OFFLINE_AFTER_S": "5"}
 
 
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.2) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.2
+) -> Any:
     """Poll until predicate() is truthy; fail the test with `what` on timeout."""
     deadline = time.monotonic() + timeout_s
     last_exc: Exception | None = None
@@ -37,7 +39,9 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, poll_s
         except Exception as exc:  # the thing polled may not be up yet; report the last error
             last_exc = exc
         time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last error: {last_exc})")
+    raise AssertionError(
+        f"timed out after {timeout_s}s waiting for {what} (last error: {last_exc})"
+    )
 
 
 def sha256_file(path: Path) -> str:

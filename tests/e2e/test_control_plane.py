@@ -70,7 +70,9 @@ def test_download_resumes_after_kill9(fleet: Fleet, tmp_path: Path) -> None:
     part = tmp_path / "edge-a" / "artifacts" / ".partial" / f"{m['sha256']}.part"
     # Kill -9 the edge while its partial file is part-way there.
     wait_until(
-        lambda: part.exists() and 0 < part.stat().st_size < size // 2, 60, "download to start",
+        lambda: part.exists() and 0 < part.stat().st_size < size // 2,
+        60,
+        "download to start",
         poll_s=0.005,
     )
     edge.kill()
@@ -173,7 +175,9 @@ def test_cli_rejects_malformed_labels(fleet: Fleet, labels: str) -> None:
     from fieldline.cli.processes import fieldline_cmd
 
     out = subprocess.run(
-        fieldline_cmd("token", "create", "--labels", labels, "--url", fleet.url, "--key", fleet.key),
+        fieldline_cmd(
+            "token", "create", "--labels", labels, "--url", fleet.url, "--key", fleet.key
+        ),
         capture_output=True,
         text=True,
         timeout=60,
