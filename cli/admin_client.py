@@ -11,6 +11,7 @@ import httpx
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
+QUANTIZE_TIMEOUT_S = 600.0
 
 
 class AdminError(Exception):
@@ -115,6 +116,18 @@ class AdminClient:
             "POST", "/v1/artifacts", params=params, content=chunks(), headers=headers
         )
 
+    def quantize(
+        self, name: str, version: str, *, target_version: str, calibration: str | None = None
+    ) -> dict[str, Any]:
+        """Ask the cloud for the INT8 version of an uploaded fp32 ONNX model (takes seconds)."""
+        body = {"method": "int8", "target_version": target_version, "calibration": calibration}
+        return self._request(  # type: ignore[no-any-return]
+            "POST",
+            f"/v1/artifacts/{name}/{version}/quantize",
+            json=body,
+            timeout=QUANTIZE_TIMEOUT_S,
+        )
+
     def list_artifacts(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/artifacts")  # type: ignore[no-any-return]
 
@@ -123,6 +136,16 @@ class AdminClient:
         return self._request(  # type: ignore[no-any-return]
             "POST", "/v1/assignments", json={"artifact": artifact, "selector": selector}
         )
+
+    # policies and records
+    def apply_policy(self, policy: dict[str, Any], selector: str) -> dict[str, Any]:
+        return self._request(  # type: ignore[no-any-return]
+            "POST", "/v1/policies", json={"policy": policy, "selector": selector}
+        )
+
+    def records(self, **filters: Any) -> dict[str, Any]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self._request("GET", "/v1/records", params=params)  # type: ignore[no-any-return]
 
     def healthz(self) -> dict[str, Any]:
         return self._request("GET", "/healthz")  # type: ignore[no-any-return]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -87,43 +87,87 @@ def artifact_push(
     name: Annotated[str, typer.Option(help="Artifact name.")],
     version: Annotated[str, typer.Option(help="Artifact version.")],
     kind: Annotated[str, typer.Option(help="onnx, llm or file.")] = "file",
+    quantize: Annotated[
+        str | None, typer.Option(help="int8: the cloud makes and keeps an INT8 version (onnx).")
+    ] = None,
+    calibration: Annotated[
+        Path | None, typer.Option(help=".npz of calibration inputs for static INT8 (onnx).")
+    ] = None,
     url: UrlOpt = DEFAULT_URL,
     key: KeyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Upload an artifact; the cloud stores it by sha256 and signs its manifest."""
+    """Upload an artifact; the cloud stores it by sha256 and signs its manifest.
+
+    With --quantize int8 the file is kept as VERSION-fp32 and the cloud's INT8 version becomes
+    VERSION, the one to assign.
+    """
     if not path.is_file():
         raise fail(f"{path} is not a file", 2)
-    size = path.stat().st_size
-    with (
-        _client(url, key) as c,
-        Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=console,
-            transient=True,
-            disable=as_json,
-        ) as progress,
-    ):
-        task = progress.add_task(f"upload {path.name}", total=size)
+    if quantize not in (None, "int8"):
+        raise fail(f"--quantize takes int8, not {quantize!r}", 2)
+    if calibration is not None and quantize is None:
+        raise fail("--calibration only makes sense with --quantize int8", 2)
+    if calibration is not None and not calibration.is_file():
+        raise fail(f"{calibration} is not a file", 2)
+    with _client(url, key) as c:
         try:
-            manifest = c.push_artifact(
-                path,
-                name=name,
-                version=version,
-                kind=kind,
-                on_progress=lambda n: progress.advance(task, n),
-            )
+            if quantize is None:
+                manifest = _upload(c, path, name, version, kind, quiet=as_json)
+            else:
+                if kind != "onnx":
+                    raise fail("--quantize int8 applies to --kind onnx (LLMs: see docs)", 2)
+                fp32 = _upload(c, path, name, f"{version}-fp32", kind, quiet=as_json)
+                calib_ref = None
+                if calibration is not None:
+                    cal = _upload(
+                        c, calibration, f"{name}-calibration", version, "file", quiet=as_json
+                    )
+                    calib_ref = f"{cal['name']}@{cal['version']}"
+                if not as_json:
+                    console.print(
+                        f"quantizing {fp32['name']}@{fp32['version']} to INT8 in the cloud…"
+                    )
+                manifest = c.quantize(
+                    name, fp32["version"], target_version=version, calibration=calib_ref
+                )
         except AdminError as exc:
             raise fail(str(exc)) from exc
     if as_json:
         print_json(manifest)
-    else:
+        return
+    console.print(
+        f"pushed {manifest['name']}@{manifest['version']} "
+        f"({manifest['size']} bytes, sha256 {manifest['sha256'][:12]}…)"
+    )
+    report = (manifest.get("metadata") or {}).get("quantization")
+    if report:
         console.print(
-            f"pushed {manifest['name']}@{manifest['version']} "
-            f"({manifest['size']} bytes, sha256 {manifest['sha256'][:12]}…)"
+            f"INT8: {report['int8_bytes']} bytes vs {report['fp32_bytes']} fp32; "
+            f"batch-8 latency {report['int8_latency_ms'].get('8')} ms vs "
+            f"{report['fp32_latency_ms'].get('8')} ms; agreement {report['agreement']}"
+        )
+
+
+def _upload(
+    c: AdminClient, path: Path, name: str, version: str, kind: str, *, quiet: bool
+) -> dict[str, Any]:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
+        disable=quiet,
+    ) as progress:
+        task = progress.add_task(f"upload {path.name}", total=path.stat().st_size)
+        return c.push_artifact(
+            path,
+            name=name,
+            version=version,
+            kind=kind,
+            on_progress=lambda n: progress.advance(task, n),
         )
 
 
@@ -228,3 +272,71 @@ def nodes_label(
         print_json(node)
     else:
         print_table(node_rows([node]), NODE_COLUMNS)
+
+
+policy_app = typer.Typer(
+    no_args_is_help=True, help="Policies (subscriptions, inspections, retention)."
+)
+
+
+@policy_app.command("apply")
+def policy_apply(
+    path: Annotated[Path, typer.Argument(help="Policy file, YAML or JSON.")],
+    selector: Annotated[str, typer.Option(help="Label selector k=v[,k=v].")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a policy file and make it the active policy of the matching nodes."""
+    from fieldline.shared.policy import PolicyError, load_policy
+
+    _labels(selector)
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        raise fail(str(exc), 2) from exc
+    with _client(url, key) as c:
+        try:
+            result = c.apply_policy(policy.model_dump(mode="json"), selector)
+        except AdminError as exc:
+            raise fail(str(exc)) from exc
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"policy {result['name']} applied to {len(result['nodes'])} node(s)")
+
+
+def records(
+    node: Annotated[str | None, typer.Option(help="Node id.")] = None,
+    kind: Annotated[str | None, typer.Option(help="telemetry, verdict or event.")] = None,
+    topic: Annotated[str | None, typer.Option(help="Exact topic.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows per page (max 1000).")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page.")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Records the edges synced to the cloud (readings, verdicts, events)."""
+    with _client(url, key) as c:
+        try:
+            page = c.records(node=node, kind=kind, topic=topic, limit=limit, cursor=cursor)
+        except AdminError as exc:
+            raise fail(str(exc)) from exc
+    if as_json:
+        print_json(page)
+        return
+    rows = [dict(r, payload=str(r["payload"])[:60]) for r in page["records"]]
+    print_table(
+        rows,
+        [
+            ("node_id", "node"),
+            ("seq", "seq"),
+            ("kind", "kind"),
+            ("topic", "topic"),
+            ("ts_ms", "ts_ms"),
+            ("payload", "payload"),
+        ],
+        title="records",
+    )
+    if page.get("next_cursor"):
+        console.print(f"more: --cursor {page['next_cursor']}")

@@ -21,7 +21,9 @@ app.add_typer(admin_cmds.token_app, name="token")
 app.add_typer(admin_cmds.key_app, name="key")
 app.add_typer(admin_cmds.artifact_app, name="artifact")
 app.add_typer(admin_cmds.nodes_app, name="nodes")
+app.add_typer(admin_cmds.policy_app, name="policy")
 app.command("assign")(admin_cmds.assign)
+app.command("records")(admin_cmds.records)
 
 
 def _mount_optional() -> None:

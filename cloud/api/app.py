@@ -14,6 +14,7 @@ from fieldline.cloud.api.routes import (
     keys,
     nodes,
     policies,
+    quantize,
     records,
     tokens,
 )
@@ -28,7 +29,17 @@ def create_app(ctx: CloudContext) -> FastAPI:
         "roles admin > operator > viewer.",
     )
     app.state.ctx = ctx
-    for module in (health, keys, tokens, nodes, artifacts, assignments, policies, records):
+    for module in (
+        health,
+        keys,
+        tokens,
+        nodes,
+        quantize,
+        artifacts,
+        assignments,
+        policies,
+        records,
+    ):
         app.include_router(module.router)
 
     @app.middleware("http")
