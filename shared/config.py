@@ -122,6 +122,27 @@ class InspectionSettings(BaseModel):
     max_queue: int = Field(default=10_000, ge=1)
 
 
+class MqttSettings(BaseModel):
+    """The plant broker the edge ingests from (MQTT v5, persistent session, QoS 1)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    client_id: str | None = None  # default: "fieldline-<node id>", fixed across restarts
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = Field(default=30, ge=5)
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    # Unacked messages the broker may send us at once; it holds the rest (back-pressure).
+    receive_maximum: int = Field(default=1000, ge=1, le=65535)
+    batch_max: int = Field(default=1000, ge=1)
+    batch_window_ms: float = Field(default=20.0, ge=0)
+    max_payload_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+
 class EdgeSettings(FieldlineSettings):
     """The edge daemon: `fieldline edge run`."""
 
@@ -133,3 +154,5 @@ class EdgeSettings(FieldlineSettings):
     reconnect: BackoffSettings = Field(default_factory=BackoffSettings)
     inspection: InspectionSettings = Field(default_factory=InspectionSettings)
     log_level: str = "info"
+    # No broker configured: no ingestion (the node still installs and serves its artifacts).
+    mqtt: MqttSettings | None = None

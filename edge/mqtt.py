@@ -1,0 +1,313 @@
+"""MQTT ingestion: paho (MQTT v5, persistent session, manual acks) into the outbox, then acks.
+
+paho's callbacks only queue; one writer thread checks payloads, commits a batch to the outbox,
+and only then acknowledges its messages, so a crash loses nothing the broker handed over. A
+redelivery of a message stored before a crash (DUP flag, same packet id and bytes) is acked
+without being stored again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from fieldline.edge.outbox import DeadLetter, NewRecord, Outbox, OutboxFull
+from fieldline.edge.payloads import PayloadError, classify
+from fieldline.shared.config import MqttSettings
+from fieldline.shared.policy import Policy, topic_matches
+
+log = structlog.get_logger(__name__)
+
+RECONNECT_MIN_S = 1
+RECONNECT_MAX_S = 30
+FULL_RETRY_S = 0.5  # how often a blocked batch retries while the outbox is full
+QUEUE_POLL_S = 0.1
+
+InspectFn = Callable[[str, bytes, int], object]
+
+
+@dataclass(frozen=True)
+class _Message:
+    mid: int
+    qos: int
+    dup: bool
+    topic: str
+    payload: bytes
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.messages = Counter(
+            "fieldline_edge_mqtt_messages",
+            "MQTT messages by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.batches = Counter(
+            "fieldline_edge_mqtt_batches", "Outbox batches committed.", registry=registry
+        )
+        self.blocked = Gauge(
+            "fieldline_edge_mqtt_backpressure",
+            "1 while the outbox is full and acks wait.",
+            registry=registry,
+        )
+        self.errors = Counter(
+            "fieldline_edge_mqtt_errors",
+            "Errors caught in MQTT callbacks.",
+            ["where"],
+            registry=registry,
+        )
+
+
+class MqttIngestor:
+    """start() connects and starts the writer; stop() flushes, acks and disconnects."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        outbox: Outbox,
+        *,
+        client_id: str,
+        on_inspect: InspectFn | None = None,
+        registry: CollectorRegistry | None = None,
+    ):
+        self.settings = settings
+        self.outbox = outbox
+        self.on_inspect = on_inspect
+        self.metrics = _Metrics(registry if registry is not None else CollectorRegistry())
+        self._subscriptions: dict[str, str] = {}  # topic filter -> record kind
+        self._inspect_filters: tuple[str, ...] = ()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Message] = queue.Queue()
+        self._stop = threading.Event()
+        self._writer: threading.Thread | None = None
+        self.connected = False
+        self.stored = 0
+        self.dead_lettered = 0
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id or client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        if settings.username:
+            self._client.username_pw_set(settings.username, settings.password)
+        if settings.tls or settings.ca_file:
+            self._client.tls_set(
+                ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                certfile=str(settings.cert_file) if settings.cert_file else None,
+                keyfile=str(settings.key_file) if settings.key_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        props.ReceiveMaximum = self.settings.receive_maximum
+        self._writer = threading.Thread(target=self._write_loop, name="mqtt-writer", daemon=True)
+        self._writer.start()
+        self._client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            self.settings.keepalive_s,
+            clean_start=False,
+            properties=props,
+        )
+        self._client.loop_start()
+        log.info("mqtt ingestion started", broker=f"{self.settings.host}:{self.settings.port}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._writer is not None:
+            self._writer.join(10)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def apply_policy(self, policy: Policy) -> None:
+        """Subscribe to the policy's topics and its inspection rules' topics; drop the rest."""
+        wanted = {s.topic: s.kind for s in policy.subscriptions}
+        for rule in policy.inspections:
+            wanted.setdefault(rule.topic, "telemetry")
+        with self._lock:
+            old = self._subscriptions
+            self._subscriptions = wanted
+            self._inspect_filters = tuple(r.topic for r in policy.inspections)
+        gone = [t for t in old if t not in wanted]
+        new = [t for t in wanted if t not in old]
+        if self.connected:
+            if gone:
+                self._client.unsubscribe(gone)
+            if new:
+                self._client.subscribe([(t, SubscribeOptions(qos=1)) for t in new])
+        log.info("mqtt subscriptions", topics=sorted(wanted))
+
+    # -- paho callbacks (run on paho's thread: never raise) -----------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        try:
+            if reason_code.is_failure:
+                log.warning("mqtt connect refused", reason=str(reason_code))
+                return
+            self.connected = True
+            with self._lock:
+                topics = list(self._subscriptions)
+            if topics:
+                client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
+            log.info("mqtt connected", session_present=flags.session_present, topics=len(topics))
+        except Exception:
+            self.metrics.errors.labels("on_connect").inc()
+            log.exception("mqtt on_connect failed")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        self.connected = False
+        if not self._stop.is_set():
+            log.warning("mqtt disconnected", reason=str(reason_code))
+
+    def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
+        try:
+            self._queue.put(
+                _Message(msg.mid, msg.qos, bool(msg.dup), msg.topic, bytes(msg.payload))
+            )
+        except Exception:
+            self.metrics.errors.labels("on_message").inc()
+            log.exception("mqtt on_message failed")
+
+    # -- the writer thread -------------------------------------------------------------------
+
+    def _next_batch(self) -> list[_Message]:
+        try:
+            first = self._queue.get(timeout=QUEUE_POLL_S)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.settings.batch_window_ms / 1000
+        while len(batch) < self.settings.batch_max:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(self._queue.get(timeout=left))
+                except queue.Empty:
+                    break
+        return batch
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                if self._stop.is_set() and self._queue.empty():
+                    return
+                continue
+            try:
+                self._commit(batch)
+            except Exception:  # a bug here must not stop ingestion: the batch stays unacked
+                self.metrics.errors.labels("writer").inc()
+                log.exception("mqtt batch failed; its messages stay unacked for redelivery")
+
+    @staticmethod
+    def _key(m: _Message) -> str:
+        digest = hashlib.blake2b(m.topic.encode() + b"\0" + m.payload, digest_size=8).hexdigest()
+        return f"{m.mid}:{digest}"
+
+    def _commit(self, batch: list[_Message]) -> None:
+        """Check, store and only then ack a batch; under back-pressure store it in smaller parts."""
+        with self._lock:
+            subs = dict(self._subscriptions)
+            inspect_filters = self._inspect_filters
+        now = time.time_ns() // 1_000_000
+        dups = self.outbox.already_delivered([self._key(m) for m in batch if m.dup])
+        # (message, record or None); dead letters and redeliveries carry no record
+        items: list[tuple[_Message, NewRecord | None, DeadLetter | None]] = []
+        for m in batch:
+            if m.dup and self._key(m) in dups:
+                items.append((m, None, None))
+                continue
+            try:
+                info = classify(m.payload, max_bytes=self.settings.max_payload_bytes)
+            except PayloadError as exc:
+                items.append((m, None, DeadLetter(m.topic, str(exc), m.payload)))
+                continue
+            kind = next((k for f, k in subs.items() if topic_matches(f, m.topic)), "telemetry")
+            items.append((m, NewRecord(kind, m.topic, info.ts_ms or now, m.payload), None))
+        size = len(items)
+        start = 0
+        blocked = False
+        while start < len(items):
+            part = items[start : start + size]
+            stored = [(m, r) for m, r, _ in part if r is not None]
+            dead = [d for _, _, d in part if d is not None]
+            try:
+                seqs = self.outbox.commit_batch(
+                    [r for _, r in stored], dead, delivered=[self._key(m) for m, _ in stored]
+                )
+            except OutboxFull as exc:
+                # Back-pressure: hold the acks (the broker keeps the backlog); try smaller parts,
+                # then wait for sync to free room.
+                if not blocked:
+                    log.warning("outbox full; holding acks", error=str(exc))
+                    blocked = True
+                self.metrics.blocked.set(1)
+                if size > 1:
+                    size = max(1, size // 2)
+                elif self._stop.wait(FULL_RETRY_S):
+                    return
+                continue
+            self._acked(part, stored, seqs, dead, inspect_filters)
+            start += len(part)
+        if blocked:
+            log.info("outbox has room again; acks resumed")
+        self.metrics.blocked.set(0)
+
+    def _acked(
+        self,
+        part: list[tuple[_Message, NewRecord | None, DeadLetter | None]],
+        stored: list[tuple[_Message, NewRecord]],
+        seqs: list[int],
+        dead: list[DeadLetter],
+        inspect_filters: tuple[str, ...],
+    ) -> None:
+        """After a commit: ack every message of the part, count, hand frames to inspection."""
+        self.metrics.batches.inc()
+        for m, _, _ in part:
+            if m.qos > 0:
+                self._client.ack(m.mid, m.qos)
+        self.stored += len(stored)
+        self.dead_lettered += len(dead)
+        self.metrics.messages.labels("stored").inc(len(stored))
+        self.metrics.messages.labels("dead_letter").inc(len(dead))
+        self.metrics.messages.labels("duplicate").inc(len(part) - len(stored) - len(dead))
+        if dead:
+            log.warning("payloads dead-lettered", count=len(dead), first=dead[0].reason)
+        if self.on_inspect is None or not inspect_filters:
+            return
+        for (m, _), seq in zip(stored, seqs, strict=True):
+            if any(topic_matches(f, m.topic) for f in inspect_filters):
+                try:
+                    self.on_inspect(m.topic, m.payload, seq)
+                except Exception:
+                    self.metrics.errors.labels("inspect").inc()
+                    log.exception("inspection hook failed", topic=m.topic)

@@ -1,0 +1,332 @@
+"""The durable outbox (DATA/outbox.db): every ingested message and verdict, numbered, until the cloud has it.
+
+Durability: WAL with synchronous=FULL for every kind. Messages are acknowledged to the broker
+only after their batch commits, and an acknowledged message is gone from the broker, so a
+telemetry row lost to a power cut after its ack would be lost for good; one fsync per batch
+(not per message) keeps FULL affordable.
+
+Bounds (the policy's retention): rows and bytes. To make room the outbox first deletes synced
+rows, then the oldest unsynced telemetry (counted as dropped); verdicts and events are never
+dropped. When only they fill it, append raises OutboxFull and ingestion stops acknowledging,
+so the broker holds the backlog until sync frees room.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fieldline.shared.policy import Retention
+
+DB_FILE = "outbox.db"
+DROPPABLE = "telemetry"
+DEAD_LETTER_KEEP_BYTES = 1024  # of a dead-lettered payload, kept for diagnosis
+DEAD_LETTER_MAX_ROWS = 10_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    synced_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS records_unsynced ON records (synced_ms, kind, seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts_ms INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+-- Broker deliveries already stored, so a redelivery (DUP) after a crash is not stored twice.
+CREATE TABLE IF NOT EXISTS delivered (key TEXT PRIMARY KEY, ts_ms INTEGER NOT NULL) WITHOUT ROWID;
+"""
+DELIVERED_KEEP_MS = 24 * 3600 * 1000
+
+
+class OutboxFull(Exception):
+    """No room without dropping verdicts or events: stop acknowledging until sync frees room."""
+
+
+@dataclass(frozen=True)
+class NewRecord:
+    kind: str  # telemetry | verdict | event
+    topic: str
+    ts_ms: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    seq: int
+    kind: str
+    topic: str
+    ts_ms: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    topic: str
+    reason: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    rows: int
+    bytes: int
+    unsynced: int
+    dropped: int
+    dead_letters: int
+    last_seq: int
+    synced_seq: int
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Outbox:
+    """Thread-safe: the MQTT writer, the inspection runtime and the sync job share one instance."""
+
+    def __init__(self, data_dir: Path, retention: Retention | None = None):
+        path = data_dir / DB_FILE
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self.retention = retention or Retention()
+        rows, size = self._conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records"
+        ).fetchone()
+        self._rows, self._bytes = int(rows), int(size)
+        self._dropped = self._counter("dropped")
+        self._dead = self._counter("dead_letters")
+        (synced,) = self._conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM records WHERE synced_ms IS NOT NULL"
+        ).fetchone()
+        self._synced_seq = max(int(synced), self._counter("synced_seq"))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _counter(self, name: str) -> int:
+        row = self._conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_counter(self, name: str, value: int) -> None:
+        self._conn.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
+    def set_retention(self, retention: Retention) -> None:
+        self.retention = retention
+
+    def commit_batch(
+        self,
+        records: list[NewRecord],
+        dead: list[DeadLetter] | None = None,
+        delivered: list[str] | None = None,
+    ) -> list[int]:
+        """Store records, dead letters and delivery keys in one transaction; returns the seqs.
+
+        Raises OutboxFull (and writes nothing) when the records do not fit without dropping
+        verdicts or events.
+        """
+        dead = dead or []
+        need_rows = len(records)
+        need_bytes = sum(len(r.payload) for r in records)
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                dropped = self._make_room(need_rows, need_bytes)
+                seqs = []
+                for r in records:
+                    cur = conn.execute(
+                        "INSERT INTO records (kind, topic, ts_ms, payload, size) VALUES (?, ?, ?, ?, ?)",
+                        (r.kind, r.topic, r.ts_ms, r.payload, len(r.payload)),
+                    )
+                    seqs.append(int(cur.lastrowid or 0))
+                if dead:
+                    now = _now_ms()
+                    conn.executemany(
+                        "INSERT INTO dead_letters (ts_ms, topic, reason, size, payload) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        [
+                            (
+                                now,
+                                d.topic[:512],
+                                d.reason[:500],
+                                len(d.payload),
+                                d.payload[:DEAD_LETTER_KEEP_BYTES],
+                            )
+                            for d in dead
+                        ],
+                    )
+                    conn.execute(
+                        "DELETE FROM dead_letters WHERE id <= "
+                        "(SELECT MAX(id) FROM dead_letters) - ?",
+                        (DEAD_LETTER_MAX_ROWS,),
+                    )
+                    self._set_counter("dead_letters", self._dead + len(dead))
+                if dropped:
+                    self._set_counter("dropped", self._dropped + dropped)
+                if delivered:
+                    now = _now_ms()
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO delivered (key, ts_ms) VALUES (?, ?)",
+                        [(k, now) for k in delivered],
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                self._reload_totals()
+                raise
+            self._rows += need_rows
+            self._bytes += need_bytes
+            self._dropped += dropped
+            self._dead += len(dead)
+            return seqs
+
+    def already_delivered(self, keys: list[str]) -> set[str]:
+        """Which of these delivery keys were stored before (a redelivery after a crash)."""
+        if not keys:
+            return set()
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT key FROM delivered WHERE key IN ({','.join('?' * len(keys))})", keys
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def forget_deliveries(self) -> int:
+        """Drop delivery keys older than a day (the broker redelivers within a session)."""
+        with self._lock:
+            cur = self._conn.execute(
+                "DELETE FROM delivered WHERE ts_ms < ?", (_now_ms() - DELIVERED_KEEP_MS,)
+            )
+            return int(cur.rowcount)
+
+    def append(self, records: list[NewRecord]) -> list[int]:
+        return self.commit_batch(records)
+
+    def _reload_totals(self) -> None:
+        rows, size = self._conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records"
+        ).fetchone()
+        self._rows, self._bytes = int(rows), int(size)
+
+    def _make_room(self, need_rows: int, need_bytes: int) -> int:
+        """Inside a transaction: free room for the new rows; returns telemetry rows dropped."""
+        r = self.retention
+        if self._rows + need_rows <= r.max_rows and self._bytes + need_bytes <= r.max_bytes:
+            return 0
+        conn = self._conn
+        # Synced rows first: the cloud has them already.
+        conn.execute("DELETE FROM records WHERE synced_ms IS NOT NULL")
+        self._reload_totals()
+        dropped = 0
+        while self._rows + need_rows > r.max_rows or self._bytes + need_bytes > r.max_bytes:
+            over_rows = max(0, self._rows + need_rows - r.max_rows)
+            batch = max(over_rows, 64)
+            victims = conn.execute(
+                "SELECT seq, size FROM records WHERE synced_ms IS NULL AND kind = ? "
+                "ORDER BY seq LIMIT ?",
+                (DROPPABLE, batch),
+            ).fetchall()
+            if not victims:
+                raise OutboxFull(
+                    f"outbox full ({self._rows} rows, {self._bytes} bytes) with verdicts and "
+                    "events that are never dropped; waiting for sync"
+                )
+            # Drop only as many as needed when the byte bound is what binds.
+            freed = 0
+            take = []
+            for seq, size in victims:
+                take.append(seq)
+                freed += size
+                if (
+                    self._rows - len(take) + need_rows <= r.max_rows
+                    and self._bytes - freed + need_bytes <= r.max_bytes
+                ):
+                    break
+            conn.execute(f"DELETE FROM records WHERE seq IN ({','.join('?' * len(take))})", take)
+            self._rows -= len(take)
+            self._bytes -= freed
+            dropped += len(take)
+        return dropped
+
+    def read_batch(self, after_seq: int, limit: int) -> list[OutboxRecord]:
+        """Unsynced records with seq > after_seq, in order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, kind, topic, ts_ms, payload FROM records "
+                "WHERE seq > ? AND synced_ms IS NULL ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [OutboxRecord(int(s), k, t, int(ts), bytes(p)) for s, k, t, ts, p in rows]
+
+    def mark_synced(self, high_water_seq: int) -> None:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(
+                "UPDATE records SET synced_ms = ? WHERE seq <= ? AND synced_ms IS NULL",
+                (_now_ms(), high_water_seq),
+            )
+            self._synced_seq = max(self._synced_seq, high_water_seq)
+            self._set_counter("synced_seq", self._synced_seq)
+            self._conn.execute("COMMIT")
+
+    def prune(self, retention: Retention | None = None) -> int:
+        """Delete synced rows older than keep_synced_s; returns how many."""
+        keep_ms = int((retention or self.retention).keep_synced_s * 1000)
+        with self._lock:
+            cur = self._conn.execute(
+                "DELETE FROM records WHERE synced_ms IS NOT NULL AND synced_ms <= ?",
+                (_now_ms() - keep_ms,),
+            )
+            self._reload_totals()
+            return int(cur.rowcount)
+
+    def stats(self) -> OutboxStats:
+        with self._lock:
+            (unsynced,) = self._conn.execute(
+                "SELECT COUNT(*) FROM records WHERE synced_ms IS NULL"
+            ).fetchone()
+            (last,) = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()
+            return OutboxStats(
+                rows=self._rows,
+                bytes=self._bytes,
+                unsynced=int(unsynced),
+                dropped=self._dropped,
+                dead_letters=self._dead,
+                last_seq=max(int(last), self._synced_seq),
+                synced_seq=self._synced_seq,
+            )
+
+    def dead_letters(self, limit: int = 100) -> list[tuple[str, str, int]]:
+        """The latest dead letters as (topic, reason, size)."""
+        with self._lock:
+            return [
+                (t, r, int(s))
+                for t, r, s in self._conn.execute(
+                    "SELECT topic, reason, size FROM dead_letters ORDER BY id DESC LIMIT ?",
+                    (limit,),
+                )
+            ]
