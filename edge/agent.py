@@ -16,6 +16,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pydantic import ValidationError
 
+from fieldline.edge.dataplane import DataPlane
 from fieldline.edge.enroll import EnrollmentError, enroll
 from fieldline.edge.installer import ArtifactInstaller
 from fieldline.edge.reconciler import Reconciler
@@ -31,6 +32,7 @@ log = structlog.get_logger(__name__)
 AGENT_VERSION = "0.1.0"
 EXIT_OK = 0
 EXIT_CONFIG = 2
+SYNC_TICK_S = 0.5  # how often the sync job checks whether the policy's interval has passed
 
 
 class AgentError(Exception):
@@ -46,6 +48,7 @@ class EdgeAgent:
         self.tunnel: TunnelClient | None = None
         self.reconciler: Reconciler | None = None
         self.scheduler: AsyncIOScheduler | None = None
+        self.dataplane: DataPlane | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._cleanup: list[Callable[[], Awaitable[None]]] = []
         # Data-plane components add themselves here; each returns its part of the health report.
@@ -84,8 +87,18 @@ class EdgeAgent:
             on_connected=self._on_connected,
             applied_generation=self._applied_generation,
         )
+        self.dataplane = dataplane = DataPlane(s, store, credential.node_id, tunnel.send)
+        dataplane.start()
+        self._cleanup.append(self._stop_dataplane)
+        tunnel.on_records_ack = dataplane.on_records_ack
+        self.health_sources["dataplane"] = dataplane.health
         self.reconciler = reconciler = Reconciler(
-            store, installer, tunnel.fetch, self._report, health=self.health
+            store,
+            installer,
+            tunnel.fetch,
+            self._report,
+            health=self.health,
+            on_applied=dataplane.apply,
         )
         # The last persisted desired state applies at once, with or without the cloud.
         reconciler.wake()
@@ -94,6 +107,14 @@ class EdgeAgent:
         self._cleanup.append(tunnel.stop)
 
         self.scheduler = AsyncIOScheduler()
+        self.scheduler.add_job(
+            dataplane.sync_tick,
+            "interval",
+            seconds=SYNC_TICK_S,
+            id="sync",
+            max_instances=1,
+            coalesce=True,
+        )
         self.scheduler.add_job(
             tunnel.heartbeat,
             "interval",
@@ -118,6 +139,11 @@ class EdgeAgent:
             except Exception:  # keep stopping the rest; say what failed
                 log.exception("error while stopping", step=getattr(step, "__name__", str(step)))
         self._cleanup.clear()
+
+    async def _stop_dataplane(self) -> None:
+        if self.dataplane is not None:
+            # Blocking joins (writer flush, inspection drain): off the loop.
+            await asyncio.to_thread(self.dataplane.stop)
 
     async def _stop_scheduler(self) -> None:
         if self.scheduler is not None:

@@ -142,6 +142,13 @@ class MqttIngestor:
         self._client.disconnect()
         self._client.loop_stop()
 
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish with QoS 1 (verdicts); paho keeps QoS 1 messages while the broker is away."""
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self.metrics.errors.labels("publish").inc()
+            log.warning("publish failed", topic=topic, rc=info.rc)
+
     # -- configuration -----------------------------------------------------------------------
 
     def apply_policy(self, policy: Policy) -> None:

@@ -29,12 +29,15 @@ class Reconciler:
         fetch: Fetcher,
         report: Callable[[ObservedState], None],
         health: Callable[[], dict[str, object]] = dict,
+        on_applied: Callable[[DesiredState], None] | None = None,
     ):
         self.store = store
         self.installer = installer
         self.fetch = fetch
         self.report = report
         self.health = health
+        # Runs after every apply, complete or not, so the data plane uses what is installed.
+        self.on_applied = on_applied
         self._wake = asyncio.Event()
         # sha256s refused for their content: not fetched again until the desired state changes.
         self._refused: dict[str, str] = {}
@@ -94,6 +97,12 @@ class Reconciler:
                 log.warning("artifact download failed", artifact=m.ref, error=msg)
         if self._superseded(desired):
             return False
+        if self.on_applied is not None:
+            try:
+                self.on_applied(desired)
+            except Exception:  # the data plane's failure must not stop reconciling
+                log.exception("applying the desired state to the data plane failed")
+                errors.append("data plane: could not apply the policy (see the edge log)")
         previous = self.store.observed()
         applied = (
             desired.generation if not errors else (previous.applied_generation if previous else 0)

@@ -1,0 +1,158 @@
+"""The edge's data plane: outbox, MQTT ingestion, inspection and sync, configured by the policy.
+
+Owned by the agent. It runs from the last persisted desired state, so it goes on offline and
+after a restart without the cloud; only sync waits for the tunnel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from fieldline.edge.inspection import InspectionRuntime, Verdict
+from fieldline.edge.mqtt import MqttIngestor
+from fieldline.edge.outbox import NewRecord, Outbox, OutboxFull
+from fieldline.edge.store import EdgeStore
+from fieldline.edge.sync import OutboxSync
+from fieldline.shared.config import EdgeSettings
+from fieldline.shared.policy import Policy
+from fieldline.shared.proto import tunnel_pb2 as pb
+from fieldline.shared.schemas import ArtifactKind, DesiredState
+
+log = structlog.get_logger(__name__)
+
+VERDICT_STORE_RETRY_S = 0.2
+VERDICT_STORE_TRIES = 50
+
+
+class DataPlane:
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        store: EdgeStore,
+        node_id: str,
+        send: Callable[[pb.EdgeMessage], bool],  # the tunnel's send
+    ):
+        self.settings = settings
+        self.store = store
+        self.registry = CollectorRegistry()
+        self.policy = Policy()
+        self.outbox = Outbox(settings.data_dir)
+        self.inspection = InspectionRuntime(
+            self._publish, self._store_verdict, settings=settings.inspection, registry=self.registry
+        )
+        self.ingestor: MqttIngestor | None = None
+        if settings.mqtt is not None:
+            self.ingestor = MqttIngestor(
+                settings.mqtt,
+                self.outbox,
+                client_id=f"fieldline-{node_id}",
+                on_inspect=self.inspection.on_inspect,
+                registry=self.registry,
+            )
+        self.sync = OutboxSync(self.outbox, send, lambda: self.policy.retention)
+        self._last_sync = 0.0
+        self.verdicts_published = 0
+        self.defects = 0
+
+    def start(self) -> None:
+        self.outbox.forget_deliveries()
+        self.inspection.start()
+        if self.ingestor is not None:
+            self.ingestor.start()
+
+    def stop(self) -> None:
+        if self.ingestor is not None:
+            self.ingestor.stop()  # flushes and acks what it holds
+        self.inspection.stop()  # answers (stores) every queued request
+        self.outbox.close()
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def apply(self, desired: DesiredState) -> None:
+        """Run the desired state's policy on what is installed now (called after each reconcile)."""
+        if desired.policy is not None:
+            try:
+                self.policy = Policy.model_validate(desired.policy)
+            except ValidationError as exc:
+                log.error("policy in the desired state does not validate", error=str(exc)[:300])
+                return
+        self.outbox.set_retention(self.policy.retention)
+        if self.ingestor is not None:
+            self.ingestor.apply_policy(self.policy)
+        self.inspection.apply_policy(self.policy, self.installed_models())
+
+    def installed_models(self) -> dict[str, tuple[str, Path]]:
+        """Active ONNX artifacts: name -> (version, path)."""
+        models = {}
+        for name, version in self.store.active().items():
+            row = self.store.artifact(name, version)
+            if row is not None and row.kind == ArtifactKind.onnx.value and row.path:
+                models[name] = (version, Path(row.path))
+        return models
+
+    # -- verdicts ------------------------------------------------------------------------------
+
+    def _store_verdict(self, verdict: Verdict) -> None:
+        rule = next((r for r in self.policy.inspections if r.name == verdict.rule), None)
+        topic = rule.result_topic if rule else f"verdicts/{verdict.rule}"
+        record = NewRecord("verdict", topic, verdict.ts_ms, verdict.to_json())
+        # Verdicts are never dropped: under back-pressure wait for sync to free room.
+        for _ in range(VERDICT_STORE_TRIES):
+            try:
+                self.outbox.append([record])
+                break
+            except OutboxFull:
+                time.sleep(VERDICT_STORE_RETRY_S)
+        else:
+            log.error("verdict could not be stored: outbox full", rule=verdict.rule)
+        if verdict.defect:
+            self.defects += 1
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        if self.ingestor is None:
+            return
+        self.ingestor.publish(topic, payload)
+        self.verdicts_published += 1
+
+    # -- sync ----------------------------------------------------------------------------------
+
+    async def sync_tick(self) -> None:
+        """The scheduled job: ship outbox batches once the policy's sync interval has passed."""
+        now = time.monotonic()
+        if now - self._last_sync < self.policy.sync_interval_s:
+            return
+        self._last_sync = now
+        await self.sync.run_once()
+
+    async def on_records_ack(self, high_water_seq: int) -> None:
+        await self.sync.on_ack(high_water_seq)
+
+    def health(self) -> dict[str, Any]:
+        stats = self.outbox.stats()
+        return {
+            "outbox": {
+                "rows": stats.rows,
+                "bytes": stats.bytes,
+                "unsynced": stats.unsynced,
+                "dropped": stats.dropped,
+                "dead_letters": stats.dead_letters,
+                "last_seq": stats.last_seq,
+                "synced_seq": stats.synced_seq,
+            },
+            "mqtt": {
+                "configured": self.ingestor is not None,
+                "connected": bool(self.ingestor and self.ingestor.connected),
+                "stored": self.ingestor.stored if self.ingestor else 0,
+                "dead_lettered": self.ingestor.dead_lettered if self.ingestor else 0,
+            },
+            "inspection": self.inspection.health(),
+            "verdicts_published": self.verdicts_published,
+            "defects": self.defects,
+        }
