@@ -62,7 +62,6 @@ class DataPlane:
         self.defects = 0
 
     def start(self) -> None:
-        self.outbox.forget_deliveries()
         self.inspection.start()
         if self.ingestor is not None:
             self.ingestor.start()

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS records (
     ts_ms INTEGER NOT NULL,
     payload BLOB NOT NULL,
     size INTEGER NOT NULL,
-    synced_ms INTEGER
+    synced_ms INTEGER,
+    delivery TEXT  -- broker delivery key (packet id + digest), to spot redeliveries
 );
 CREATE INDEX IF NOT EXISTS records_unsynced ON records (synced_ms, kind, seq);
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -47,10 +48,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
--- Broker deliveries already stored, so a redelivery (DUP) after a crash is not stored twice.
-CREATE TABLE IF NOT EXISTS delivered (key TEXT PRIMARY KEY, ts_ms INTEGER NOT NULL) WITHOUT ROWID;
 """
-DELIVERED_KEEP_MS = 24 * 3600 * 1000
+# A redelivery can only be of a message stored but not yet acked, and the broker never has
+# more than receive_maximum of those out; so only the newest rows need checking.
+REDELIVERY_WINDOW_ROWS = 100_000
 
 
 class OutboxFull(Exception):
@@ -157,13 +158,18 @@ class Outbox:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 dropped = self._make_room(need_rows, need_bytes)
-                seqs = []
-                for r in records:
-                    cur = conn.execute(
-                        "INSERT INTO records (kind, topic, ts_ms, payload, size) VALUES (?, ?, ?, ?, ?)",
-                        (r.kind, r.topic, r.ts_ms, r.payload, len(r.payload)),
-                    )
-                    seqs.append(int(cur.lastrowid or 0))
+                keys = delivered or [None] * len(records)
+                conn.executemany(
+                    "INSERT INTO records (kind, topic, ts_ms, payload, size, delivery) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (r.kind, r.topic, r.ts_ms, r.payload, len(r.payload), k)
+                        for r, k in zip(records, keys, strict=True)
+                    ],
+                )
+                # One writer inside one transaction: the new rows' sequences are consecutive.
+                (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+                seqs = list(range(int(last) - len(records) + 1, int(last) + 1)) if records else []
                 if dead:
                     now = _now_ms()
                     conn.executemany(
@@ -188,12 +194,6 @@ class Outbox:
                     self._set_counter("dead_letters", self._dead + len(dead))
                 if dropped:
                     self._set_counter("dropped", self._dropped + dropped)
-                if delivered:
-                    now = _now_ms()
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO delivered (key, ts_ms) VALUES (?, ?)",
-                        [(k, now) for k in delivered],
-                    )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -210,18 +210,13 @@ class Outbox:
         if not keys:
             return set()
         with self._lock:
+            (top,) = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()
             rows = self._conn.execute(
-                f"SELECT key FROM delivered WHERE key IN ({','.join('?' * len(keys))})", keys
+                f"SELECT delivery FROM records WHERE seq > ? "
+                f"AND delivery IN ({','.join('?' * len(keys))})",
+                [int(top) - REDELIVERY_WINDOW_ROWS, *keys],
             ).fetchall()
         return {r[0] for r in rows}
-
-    def forget_deliveries(self) -> int:
-        """Drop delivery keys older than a day (the broker redelivers within a session)."""
-        with self._lock:
-            cur = self._conn.execute(
-                "DELETE FROM delivered WHERE ts_ms < ?", (_now_ms() - DELIVERED_KEEP_MS,)
-            )
-            return int(cur.rowcount)
 
     def append(self, records: list[NewRecord]) -> list[int]:
         return self.commit_batch(records)

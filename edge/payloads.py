@@ -73,6 +73,15 @@ def classify(data: bytes, *, max_bytes: int) -> Payload:
         doc = json.loads(data)
     except (UnicodeDecodeError, ValueError):
         raise PayloadError("not JSON, PNG or JPEG") from None
+    except RecursionError:
+        raise PayloadError("JSON nested too deeply") from None
+    try:
+        return _classify_json(doc)
+    except OverflowError:  # integers too large for a float
+        raise PayloadError("number out of range") from None
+
+
+def _classify_json(doc: object) -> Payload:
     if isinstance(doc, list):
         _check_values(doc)
         return Payload("array", None)

@@ -99,6 +99,8 @@ def test_garbage_is_dead_lettered_and_valid_ones_stored(
         b"\xff\xd8\xff\xe0 truncated jpeg",
         b"\xff\xfe\x00 binary",
         json.dumps(42).encode(),
+        b"[" * 100_000,  # deeper than json can recurse
+        b'{"ts": 1700000000, "value": ' + b"9" * 400 + b"}",  # overflows a float
     ]
     mixed: list[bytes] = []
     good = readings(0, 300)
