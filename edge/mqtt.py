@@ -96,12 +96,16 @@ class MqttIngestor:
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         self.connected = False
+        self.subscribed = threading.Event()  # set on the first SUBACK
         self.stored = 0
         self.dead_lettered = 0
+        self._dropped_seen = outbox.dropped
+        self._v5 = settings.protocol == "5"
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id or client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            clean_session=None if self._v5 else False,
             manual_ack=True,
         )
         if settings.username:
@@ -117,22 +121,28 @@ class MqttIngestor:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.settings.session_expiry_s
-        props.ReceiveMaximum = self.settings.receive_maximum
         self._writer = threading.Thread(target=self._write_loop, name="mqtt-writer", daemon=True)
         self._writer.start()
-        self._client.connect_async(
-            self.settings.host,
-            self.settings.port,
-            self.settings.keepalive_s,
-            clean_start=False,
-            properties=props,
-        )
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.settings.session_expiry_s
+            props.ReceiveMaximum = self.settings.receive_maximum
+            self._client.connect_async(
+                self.settings.host,
+                self.settings.port,
+                self.settings.keepalive_s,
+                clean_start=False,
+                properties=props,
+            )
+        else:
+            self._client.connect_async(
+                self.settings.host, self.settings.port, self.settings.keepalive_s
+            )
         self._client.loop_start()
         log.info("mqtt ingestion started", broker=f"{self.settings.host}:{self.settings.port}")
 
@@ -167,21 +177,26 @@ class MqttIngestor:
             if gone:
                 self._client.unsubscribe(gone)
             if new:
-                self._client.subscribe([(t, SubscribeOptions(qos=1)) for t in new])
+                self._client.subscribe(self._subscribe_args(new))
         log.info("mqtt subscriptions", topics=sorted(wanted))
+
+    def _subscribe_args(self, topics: list[str]) -> list[tuple[str, SubscribeOptions | int]]:
+        if self._v5:
+            return [(t, SubscribeOptions(qos=1)) for t in topics]
+        return [(t, 1) for t in topics]
 
     # -- paho callbacks (run on paho's thread: never raise) -----------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         try:
-            if reason_code.is_failure:
+            if getattr(reason_code, "is_failure", False):
                 log.warning("mqtt connect refused", reason=str(reason_code))
                 return
             self.connected = True
             with self._lock:
                 topics = list(self._subscriptions)
             if topics:
-                client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
+                client.subscribe(self._subscribe_args(topics))
             log.info("mqtt connected", session_present=flags.session_present, topics=len(topics))
         except Exception:
             self.metrics.errors.labels("on_connect").inc()
@@ -191,6 +206,17 @@ class MqttIngestor:
         self.connected = False
         if not self._stop.is_set():
             log.warning("mqtt disconnected", reason=str(reason_code))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
+        try:
+            refused = [str(rc) for rc in reason_codes if rc.is_failure]
+            if refused:
+                self.metrics.errors.labels("subscribe").inc()
+                log.warning("mqtt subscription refused", reasons=refused)
+            self.subscribed.set()
+        except Exception:
+            self.metrics.errors.labels("on_subscribe").inc()
+            log.exception("mqtt on_subscribe failed")
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -332,6 +358,10 @@ class MqttIngestor:
         self.metrics.messages.labels("stored").inc(len(stored))
         self.metrics.messages.labels("dead_letter").inc(len(dead))
         self.metrics.messages.labels("duplicate").inc(len(part) - len(stored) - len(dead))
+        # Telemetry the outbox dropped (oldest first) to make room; read after our commit.
+        dropped = self.outbox.dropped
+        self.metrics.messages.labels("dropped").inc(max(0, dropped - self._dropped_seen))
+        self._dropped_seen = dropped
         if dead:
             log.warning("payloads dead-lettered", count=len(dead), first=dead[0].reason)
         if self.on_inspect is None or not inspect_filters:
@@ -343,3 +373,43 @@ class MqttIngestor:
                 except Exception:
                     self.metrics.errors.labels("inspect").inc()
                     log.exception("inspection hook failed", topic=m.topic)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A bare ingestor process (tests kill -9 it): `python -m fieldline.edge.mqtt --data DIR ...`."""
+    import argparse
+    import signal
+    from pathlib import Path
+
+    from fieldline.shared.logs import configure_logging
+    from fieldline.shared.policy import Subscription
+
+    ap = argparse.ArgumentParser(description="Ingest MQTT topics into DIR/outbox.db until SIGTERM.")
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--topic", action="append", required=True, help="topic filter (repeatable)")
+    ap.add_argument("--client-id", default="fieldline-edge-ingest")
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    configure_logging(args.log_level)  # stderr: stdout carries only "ready"
+    args.data.mkdir(parents=True, exist_ok=True)
+    outbox = Outbox(args.data)
+    ing = MqttIngestor(
+        MqttSettings(host=args.host, port=args.port), outbox, client_id=args.client_id
+    )
+    ing.apply_policy(Policy(subscriptions=[Subscription(topic=t) for t in args.topic]))
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    ing.start()
+    while not ing.subscribed.wait(0.05) and not done.is_set():
+        pass
+    print("ready", flush=True)
+    done.wait()
+    ing.stop()
+    outbox.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -136,6 +136,11 @@ class Outbox:
             (name, value),
         )
 
+    @property
+    def dropped(self) -> int:
+        """Telemetry rows dropped to make room, ever (persisted in the counters table)."""
+        return self._dropped
+
     def set_retention(self, retention: Retention) -> None:
         self.retention = retention
 

@@ -1,7 +1,7 @@
 """Fixtures every test folder may use; folder-specific ones live in that folder's conftest.py."""
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,3 +22,20 @@ def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield broker
     finally:
         broker.kill()
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[[], MosquittoBroker]]:
+    """Start more brokers (each on its own free port and folder); all killed after the test."""
+    brokers: list[MosquittoBroker] = []
+
+    def make() -> MosquittoBroker:
+        broker = MosquittoBroker(tmp_path / f"mosquitto-{len(brokers)}")
+        brokers.append(broker)
+        return broker.start()
+
+    try:
+        yield make
+    finally:
+        for broker in reversed(brokers):
+            broker.kill()
