@@ -15,7 +15,6 @@ from collections import Counter
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -126,9 +125,9 @@ class IngestProcess:
         return self.proc.wait(20)
 
 
-@pytest.mark.parametrize("total", [3000, pytest.param(20_000, marks=pytest.mark.slow)])
+# The sizes run in ~6 s each here, so they are not marked slow.
 def test_kill9_mid_stream_stores_every_reading_once(
-    mosquitto: MosquittoBroker, tmp_path: Path, total: int
+    mosquitto: MosquittoBroker, tmp_path: Path, total: int = 20_000
 ) -> None:
     data = tmp_path / "edge"
     proc = IngestProcess(data, mosquitto.port).start()
@@ -226,11 +225,8 @@ def garbage_kinds(max_payload: int) -> list[bytes]:
     ]
 
 
-@pytest.mark.parametrize(
-    ("n_garbage", "n_valid"), [(1000, 500), pytest.param(10_000, 3000, marks=pytest.mark.slow)]
-)
 def test_garbled_payloads_dead_lettered_valid_ones_stored(
-    mosquitto: MosquittoBroker, tmp_path: Path, n_garbage: int, n_valid: int
+    mosquitto: MosquittoBroker, tmp_path: Path, n_garbage: int = 10_000, n_valid: int = 3000
 ) -> None:
     max_payload = 16 * 1024
     kinds = garbage_kinds(max_payload)
