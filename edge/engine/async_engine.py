@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -107,7 +107,7 @@ class AsyncLLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
-    ) -> AsyncIterator[tuple[list[int], str]]:
+    ) -> AsyncGenerator[tuple[list[int], str], None]:
         """Yield (new token ids, new text) as tokens come."""
         # aclosing: closing this generator early must close the stream now (its abort
         # frees the blocks), not whenever the inner generator is garbage collected.
@@ -121,7 +121,7 @@ class AsyncLLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
-    ) -> AsyncIterator[StreamDelta]:
+    ) -> AsyncGenerator[StreamDelta, None]:
         """Like generate(), with the finish reason on the last delta.
 
         Raises ValueError for a request the engine refuses (too long, no tokenizer) and

@@ -6,7 +6,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -148,7 +148,7 @@ class LLMEngine:
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         ids: list[str] = []
         try:
-            for prompt, sp in zip(prompts, params_list, strict=True):
+            for prompt, sp in zip(cast(list[str | list[int]], prompts), params_list, strict=True):
                 ids.append(self.add_request(prompt, sp))
         except ValueError:
             for request_id in ids:  # all or nothing
