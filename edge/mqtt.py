@@ -25,7 +25,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from fieldline.edge.outbox import DeadLetter, NewRecord, Outbox, OutboxFull
+from fieldline.edge.outbox import (
+    REDELIVERY_WINDOW_ROWS,
+    DeadLetter,
+    NewRecord,
+    Outbox,
+    OutboxFull,
+)
 from fieldline.edge.payloads import PayloadError, classify
 from fieldline.shared.config import MqttSettings
 from fieldline.shared.policy import Policy, topic_matches
@@ -99,6 +105,7 @@ class MqttIngestor:
         self.subscribed = threading.Event()  # set on the first SUBACK
         self.stored = 0
         self.dead_lettered = 0
+        self.duplicates = 0  # redeliveries of messages stored before a crash, acked again
         self._dropped_seen = outbox.dropped
         self._v5 = settings.protocol == "5"
         self._client = mqtt.Client(
@@ -273,7 +280,10 @@ class MqttIngestor:
             subs = dict(self._subscriptions)
             inspect_filters = self._inspect_filters
         now = time.time_ns() // 1_000_000
-        dups = self.outbox.already_delivered([self._key(m) for m in batch if m.dup])
+        dups = self.outbox.already_delivered(
+            [self._key(m) for m in batch if m.dup],
+            window=max(REDELIVERY_WINDOW_ROWS, 4 * self.settings.receive_maximum),
+        )
         # (message, record or None); dead letters and redeliveries carry no record
         items: list[tuple[_Message, NewRecord | None, DeadLetter | None]] = []
         for m in batch:
@@ -357,6 +367,7 @@ class MqttIngestor:
         self.dead_lettered += len(dead)
         self.metrics.messages.labels("stored").inc(len(stored))
         self.metrics.messages.labels("dead_letter").inc(len(dead))
+        self.duplicates += len(part) - len(stored) - len(dead)
         self.metrics.messages.labels("duplicate").inc(len(part) - len(stored) - len(dead))
         # Telemetry the outbox dropped (oldest first) to make room; read after our commit.
         dropped = self.outbox.dropped
@@ -408,6 +419,12 @@ def main(argv: list[str] | None = None) -> None:
     print("ready", flush=True)
     done.wait()
     ing.stop()
+    log.info(
+        "ingestion stopped",
+        stored=ing.stored,
+        dead_lettered=ing.dead_lettered,
+        duplicates=ing.duplicates,
+    )
     outbox.close()
 
 

@@ -50,8 +50,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 # A redelivery can only be of a message stored but not yet acked, and the broker never has
-# more than receive_maximum of those out; so only the newest rows need checking.
-REDELIVERY_WINDOW_ROWS = 100_000
+# more than receive_maximum of those out; so only the newest ingested rows need checking. A
+# small window also keeps an identical payload that reused a packet id long ago from passing
+# for a redelivery (packet ids cycle through 65,535).
+REDELIVERY_WINDOW_ROWS = 4000
 
 
 class OutboxFull(Exception):
@@ -210,16 +212,16 @@ class Outbox:
             self._dead += len(dead)
             return seqs
 
-    def already_delivered(self, keys: list[str]) -> set[str]:
-        """Which of these delivery keys were stored before (a redelivery after a crash)."""
+    def already_delivered(self, keys: list[str], window: int = REDELIVERY_WINDOW_ROWS) -> set[str]:
+        """Which of these delivery keys are among the newest `window` ingested rows (a redelivery
+        of a message stored, but not acked, before a crash or a broker restart)."""
         if not keys:
             return set()
         with self._lock:
-            (top,) = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()
             rows = self._conn.execute(
-                f"SELECT delivery FROM records WHERE seq > ? "
-                f"AND delivery IN ({','.join('?' * len(keys))})",
-                [int(top) - REDELIVERY_WINDOW_ROWS, *keys],
+                "SELECT delivery FROM (SELECT delivery FROM records WHERE delivery IS NOT NULL "
+                f"ORDER BY seq DESC LIMIT ?) WHERE delivery IN ({','.join('?' * len(keys))})",
+                [window, *keys],
             ).fetchall()
         return {r[0] for r in rows}
 

@@ -104,11 +104,13 @@ class IngestProcess:
             "edge-kill9",
         ]
         self.proc: subprocess.Popen[str] | None = None
+        self.log = data_dir.parent / "ingest.log"
 
     def start(self) -> IngestProcess:
-        self.proc = subprocess.Popen(
-            self.args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                self.args, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True
+            )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # "ready" once subscribed
         assert line.strip() == "ready", f"ingest process did not start: {line!r}"
@@ -147,6 +149,8 @@ def test_kill9_mid_stream_stores_every_reading_once(
         wait_for(lambda: row_count(data) >= total, 60, "every reading after the restart")
         time.sleep(0.5)  # anything extra (a duplicate) would land now
         assert proc.stop() == 0
+        # For the record: how many redeliveries the restarted process recognised.
+        print([ln for ln in proc.log.read_text().splitlines() if "ingestion stopped" in ln])
     finally:
         proc.kill9()
         pub.loop_stop()

@@ -104,3 +104,7 @@ def test_redelivery_keys(tmp_path: Path) -> None:
     box.commit_batch([tele(0), tele(1)], delivered=["7:aa", "8:bb"])
     assert box.already_delivered(["7:aa", "9:cc"]) == {"7:aa"}
     assert box.already_delivered([]) == set()
+    # Only the newest ingested rows count: an old row with the same key is not a redelivery.
+    box.append([NewRecord("verdict", "v", 1, b"{}") for _ in range(5)])  # no delivery key
+    box.commit_batch([tele(2), tele(3)], delivered=["9:cc", "10:dd"])
+    assert box.already_delivered(["7:aa", "8:bb", "10:dd"], window=3) == {"8:bb", "10:dd"}
