@@ -1,70 +1,71 @@
 """`fieldline demo`: a whole local stack in a temp dir, shown in a live view, gone when it ends.
 
-A cloud and two edge daemons run as separate processes; the edges enroll with different
-labels; a small artifact is pushed and assigned to one label, then a second version to all.
+A broker, a cloud and two edge daemons (separate processes), a simulated production line
+publishing readings and camera frames, a defect classifier trained at start, quantized to
+INT8 by the cloud and rolled out by label. Midway the tunnel is cut for a while: inspection
+goes on at the edges, their outboxes fill, and drain when the tunnel returns.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Group
+import httpx
 from rich.live import Live
-from rich.panel import Panel
-from rich.table import Table
 
 from fieldline.cli.admin_client import AdminClient, AdminError
+from fieldline.cli.brokers import DemoBroker
+from fieldline.cli.demo_view import DemoEvents, EdgeSample, render
 from fieldline.cli.output import console, err_console
 from fieldline.cli.processes import ProcessError, ProcessStack, start_cloud, start_edge
+from fieldline.cli.tcp_proxy import TcpProxy
 
 REFRESH_S = 0.5
-DEMO_ARTIFACT_BYTES = 4 * 1024 * 1024
-EDGES = (("edge-a", "site=plant1,line=a"), ("edge-b", "site=plant1,line=b"))
+TRAIN_SECONDS = 4.0
+EDGES = (("edge-a", {"site": "plant1", "line": "a"}), ("edge-b", {"site": "plant1", "line": "b"}))
+CUT_AT, RESTORE_AT = 0.35, 0.65  # shares of the duration
+VERDICT_TOPIC = "plant1/verdicts"
 
 
-@dataclass
-class DemoEvent:
-    at_s: float
-    text: str
+def _policy(rule: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "plant1-inspection",
+        "subscriptions": [{"topic": "plant1/+/sensor/#", "kind": "telemetry"}],
+        "inspections": [rule],
+        "sync_interval_s": 1.0,
+    }
 
 
-def _make_artifact(path: Path, size: int) -> Path:
-    path.write_bytes(secrets.token_bytes(size))
-    return path
+def _cloud_records(url: str) -> int:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith("fieldline_cloud_records_ingested_total"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
 
 
-def _nodes_table(nodes: list[dict[str, Any]]) -> Table:
-    table = Table(title="fleet", expand=True)
-    for header in ("node", "labels", "online", "desired", "applied", "active", "last seen"):
-        table.add_column(header)
-    for n in sorted(nodes, key=lambda n: str(n.get("labels"))):
-        active = n.get("active") or {}
-        converged = n.get("desired_generation") == n.get("applied_generation")
-        table.add_row(
-            n["id"],
-            ",".join(f"{k}={v}" for k, v in (n.get("labels") or {}).items()),
-            "[green]yes[/green]" if n.get("online") else "[red]no[/red]",
-            str(n.get("desired_generation")),
-            ("[green]" if converged else "[yellow]") + str(n.get("applied_generation")) + "[/]",
-            ", ".join(f"{k}@{v}" for k, v in active.items()) or "-",
-            str(n.get("last_seen") or "-")[11:19],
-        )
-    return table
+def _sample(edge_dir: Path) -> EdgeSample:
+    from fieldline.edge.status import StatusError, read_status
 
-
-def _view(nodes: list[dict[str, Any]], events: list[DemoEvent], left_s: float) -> Group:
-    log = "\n".join(f"[dim]{e.at_s:5.1f}s[/dim] {e.text}" for e in events[-8:])
-    return Group(
-        _nodes_table(nodes),
-        Panel(log or "starting…", title=f"demo — {left_s:4.0f}s left (Ctrl-C stops)"),
+    try:
+        status = read_status(edge_dir)
+    except StatusError:
+        return EdgeSample()
+    dp = status.health.get("dataplane", {})
+    outbox = dp.get("outbox", {})
+    models = dp.get("inspection", {})
+    return EdgeSample(
+        inspections=sum(int(m.get("requests", 0)) for m in models.values()),
+        defects=int(dp.get("defects", 0)),
+        unsynced=int(outbox.get("unsynced", 0)),
+        lag=int(outbox.get("last_seq", 0)) - int(outbox.get("synced_seq", 0)),
+        tunnel=bool(status.health.get("tunnel", {}).get("connected")),
     )
 
 
@@ -73,77 +74,167 @@ def run_demo(duration: float = 60.0, workdir: str | None = None) -> int:
     keep = workdir is not None
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fieldline-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    events: list[DemoEvent] = []
-    t0 = time.monotonic()
-
-    def note(text: str) -> None:
-        events.append(DemoEvent(time.monotonic() - t0, text))
-
-    # Ctrl-C and SIGTERM end the demo the same way: the stack below is stopped in reverse.
+    events = DemoEvents()
     stop = {"now": False}
 
     def _on_signal(signum: int, frame: object) -> None:
         stop["now"] = True
 
-    old_term = signal.signal(signal.SIGTERM, _on_signal)
-    old_int = signal.signal(signal.SIGINT, _on_signal)
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    broker: DemoBroker | None = None
+    proxy: TcpProxy | None = None
+    simulator = None
     code = 0
     try:
         with ProcessStack() as stack:
             console.print(f"[bold]fieldline demo[/bold] in {root} for {duration:.0f}s")
-            _cloud, ports = start_cloud(stack, root / "cloud")
+            broker = DemoBroker(root / "broker").start()
+            events.add(f"MQTT broker: {broker.kind} on 127.0.0.1:{broker.port}")
+            _, ports = start_cloud(stack, root / "cloud")
             key = (root / "cloud" / "admin.key").read_text().strip()
             url = f"http://127.0.0.1:{ports['http']}"
-            note(f"cloud up: admin API {url}, tunnel 127.0.0.1:{ports['grpc']}")
-            with AdminClient(url, key) as admin:
-                for name, labels in EDGES:
-                    token = admin.create_token(dict(kv.split("=") for kv in labels.split(",")))
-                    start_edge(stack, root / name, ports["grpc"], token=token["token"], name=name)
-                    note(f"{name} started with a token for {labels}")
-                artifact = _make_artifact(root / "detector.bin", DEMO_ARTIFACT_BYTES)
-                m1 = admin.push_artifact(artifact, name="detector", version="1.0", kind="file")
-                note(f"pushed detector@1.0 ({m1['size']} bytes, sha256 {m1['sha256'][:12]}…)")
-                admin.assign("detector@1.0", "line=a")
-                note("assigned detector@1.0 to line=a")
-                second_done = False
-                with Live(console=console, refresh_per_second=4, transient=False) as live:
-                    while not stop["now"]:
-                        elapsed = time.monotonic() - t0
-                        if elapsed >= duration:
-                            break
-                        for child in stack.children:
-                            child.check_alive()
-                        if not second_done and elapsed >= duration / 2:
-                            _make_artifact(artifact, DEMO_ARTIFACT_BYTES)
-                            admin.push_artifact(
-                                artifact, name="detector", version="1.1", kind="file"
-                            )
-                            admin.assign("detector@1.1", "site=plant1")
-                            note("pushed detector@1.1 and assigned it to site=plant1 (both lines)")
-                            second_done = True
-                        try:
-                            nodes = admin.list_nodes()
-                        except AdminError as exc:
-                            note(f"[red]{exc}[/red]")
-                            nodes = []
-                        live.update(_view(nodes, events, duration - elapsed))
-                        time.sleep(REFRESH_S)
-                final = admin.list_nodes()
-            converged = all(n["desired_generation"] == n["applied_generation"] for n in final)
+            proxy = TcpProxy(("127.0.0.1", ports["grpc"])).start()
+            events.add(f"cloud: admin API {url}; edges reach its tunnel through a cuttable proxy")
+            simulator = _setup(root, url, key, broker, proxy, stack, events)
+            converged = _watch(root, url, key, duration, events, proxy, stack, stop)
+            simulator.stop()
+            console.print(
+                f"line published {simulator.published} messages, {simulator.frames} frames "
+                f"({simulator.defects_shown} defective); cloud holds {_cloud_records(url)} records"
+            )
             console.print(
                 "[green]every node applied its desired state[/green]"
                 if converged
                 else "[yellow]some nodes had not converged when the demo ended[/yellow]"
             )
-            console.print("stopping edges and cloud…")
-    except (ProcessError, AdminError) as exc:
+            console.print("stopping the line, the edges, the cloud and the broker…")
+    except (ProcessError, AdminError, RuntimeError) as exc:
         err_console.print(f"[red]demo failed:[/red] {exc}")
         code = 1
     finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
+        if simulator is not None:
+            simulator.stop()
+        if proxy is not None:
+            proxy.stop()
+        if broker is not None:
+            broker.stop()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if not keep and code == 0 and not os.environ.get("FIELDLINE_DEMO_KEEP"):
             shutil.rmtree(root, ignore_errors=True)
         elif code:
             err_console.print(f"logs kept in {root}")
     return code
+
+
+def _setup(
+    root: Path,
+    url: str,
+    key: str,
+    broker: DemoBroker,
+    proxy: TcpProxy,
+    stack: ProcessStack,
+    events: DemoEvents,
+):  # type: ignore[no-untyped-def]
+    """Train and push the model, apply the policy, enroll the edges, start the line."""
+    from fieldline.cli.demo_classifier import train_classifier
+    from fieldline.cli.line_simulator import LineConfig, LineSimulator
+
+    trained = train_classifier(root / "model", seconds_budget=TRAIN_SECONDS)
+    events.add(
+        f"trained the defect classifier in {trained.train_seconds:.1f}s "
+        f"(held-out accuracy {trained.heldout_accuracy:.3f}), exported to ONNX"
+    )
+    with AdminClient(url, key) as admin:
+        admin.push_artifact(trained.onnx_path, name="classifier", version="1.0-fp32", kind="onnx")
+        cal = admin.push_artifact(
+            trained.calibration_path, name="classifier-calibration", version="1.0", kind="file"
+        )
+        int8 = admin.quantize(
+            "classifier",
+            "1.0-fp32",
+            target_version="1.0",
+            calibration=f"{cal['name']}@{cal['version']}",
+        )
+        q = int8["metadata"]["quantization"]
+        events.add(
+            f"cloud quantized it to INT8: {q['int8_bytes']} vs {q['fp32_bytes']} bytes, "
+            f"agreement {q['agreement']:.3f} on the calibration set"
+        )
+        rule = trained.rule(
+            name="parts",
+            topic="plant1/+/camera/frames",
+            model="classifier",
+            result_topic=VERDICT_TOPIC,
+        )
+        admin.apply_policy(_policy(rule.model_dump(mode="json")), "site=plant1")
+        admin.assign("classifier@1.0", "site=plant1")
+        config = root / "line-a-settings.json"
+        config.write_text('{"reject_threshold": 0.5}\n')
+        admin.push_artifact(config, name="line-a-settings", version="1", kind="file")
+        admin.assign("line-a-settings@1", "line=a")
+        events.add("policy + classifier@1.0 assigned to site=plant1; line-a-settings@1 to line=a")
+        env = {
+            "FIELDLINE_MQTT__PORT": str(broker.port),
+            "FIELDLINE_MQTT__PROTOCOL": broker.protocol,
+            "FIELDLINE_HEARTBEAT_INTERVAL_S": "1",
+            "FIELDLINE_RECONNECT__MAX_S": "2",
+        }
+        for name, labels in EDGES:
+            token = admin.create_token(labels)["token"]
+            start_edge(stack, root / name, proxy.port, token=token, name=name, env=env)
+            events.add(f"{name} enrolled with {','.join(f'{k}={v}' for k, v in labels.items())}")
+    sim = LineSimulator(
+        LineConfig(port=broker.port, lines=("a", "b"), mqtt_v311=broker.protocol == "3.1.1")
+    )
+    sim.start()
+    events.add("production line started: readings and camera frames, ~10% defective parts")
+    return sim
+
+
+def _watch(
+    root: Path,
+    url: str,
+    key: str,
+    duration: float,
+    events: DemoEvents,
+    proxy: TcpProxy,
+    stack: ProcessStack,
+    stop: dict[str, bool],
+) -> bool:
+    """The live view until the duration ends; cuts and restores the tunnel midway."""
+    t0 = time.monotonic()
+    cut = restored = False
+    previous: dict[str, EdgeSample] = {}
+    with AdminClient(url, key) as admin, Live(console=console, refresh_per_second=4) as live:
+        while not stop["now"]:
+            elapsed = time.monotonic() - t0
+            if elapsed >= duration:
+                break
+            for child in stack.children:
+                child.check_alive()
+            if not cut and elapsed >= duration * CUT_AT:
+                proxy.cut()
+                cut = True
+                events.add(
+                    "[red]tunnel cut[/red]: edges keep inspecting; outboxes hold the records"
+                )
+            if cut and not restored and elapsed >= duration * RESTORE_AT:
+                proxy.restore()
+                restored = True
+                events.add("[green]tunnel restored[/green]: outboxes drain into the cloud")
+            samples = {name: _sample(root / name) for name, _ in EDGES}
+            for name, s in samples.items():
+                p = previous.get(name)
+                s.rate = (s.inspections - p.inspections) / REFRESH_S if p else 0.0
+            previous = samples
+            try:
+                nodes = admin.list_nodes()
+                records = _cloud_records(url)
+            except (AdminError, httpx.HTTPError) as exc:
+                events.add(f"[red]{exc}[/red]")
+                nodes, records = [], 0
+            live.update(render(nodes, samples, records, events, duration - elapsed))
+            time.sleep(REFRESH_S)
+        final = admin.list_nodes()
+    return all(n["desired_generation"] == n["applied_generation"] for n in final)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -167,6 +168,17 @@ class EdgeAgent:
                 log.exception("health source failed", source=name)
                 report[name] = {"error": str(exc)}
         return report
+
+    async def _heartbeat(self) -> None:
+        """Each beat: keep the health summary in the store (for `edge status`) and send it.
+
+        A coroutine, so APScheduler runs it on the loop: the tunnel's queue is not thread-safe.
+        """
+        health = json.dumps(self.health(), default=str)
+        if self.store is not None:
+            self.store.set_meta(health=health)
+        if self.tunnel is not None:
+            self.tunnel.heartbeat(health)
 
     def _applied_generation(self) -> int:
         observed = self.store.observed() if self.store else None

@@ -147,10 +147,11 @@ class TunnelClient:
             return False
         return True
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, health_json: str = "") -> None:
         self._heartbeat_seq += 1
         seq = self._heartbeat_seq
-        if self.send(pb.EdgeMessage(heartbeat=pb.Heartbeat(seq=seq, sent_at_ms=now_ms()))):
+        beat = pb.Heartbeat(seq=seq, sent_at_ms=now_ms(), health_json=health_json)
+        if self.send(pb.EdgeMessage(heartbeat=beat)):
             self._sent_at = {k: v for k, v in self._sent_at.items() if k > seq - 16}
             self._sent_at[seq] = monotonic_ms()
 

@@ -7,7 +7,7 @@ Precedence, highest first: values given in code (CLI flags), FIELDLINE_* environ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field
@@ -127,6 +127,8 @@ class MqttSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
+    # "3.1.1" only for brokers without MQTT 5 (the demo's embedded fallback broker).
+    protocol: Literal["5", "3.1.1"] = "5"
     client_id: str | None = None  # default: "fieldline-<node id>", fixed across restarts
     username: str | None = None
     password: str | None = None

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     desired TEXT,
     applied_generation INTEGER NOT NULL DEFAULT 0,
     observed TEXT,
+    health TEXT,
     synced_seq INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS artifacts (

@@ -27,6 +27,7 @@ class NodeRow:
     desired: str | None  # DesiredState JSON
     applied_generation: int
     observed: str | None  # ObservedState JSON
+    health: str | None  # the latest heartbeat's health summary (JSON)
     synced_seq: int
 
 
@@ -41,6 +42,7 @@ def _row(r: dict[str, Any]) -> NodeRow:
         desired=r["desired"],
         applied_generation=r["applied_generation"],
         observed=r["observed"],
+        health=r["health"],
         synced_seq=r["synced_seq"],
     )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import grpc
@@ -118,7 +119,10 @@ class TunnelService(pb_grpc.TunnelServicer):
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
-                    break  # the edge closed its side or sent something invalid
+                    if not reader.cancelled() and reader.exception() is not None:
+                        self.metrics.tunnel_errors.labels("reader").inc()
+                        log.error("tunnel reader failed", node=node_id, exc_info=reader.exception())
+                    break  # the edge closed its side, or reading failed
                 msg = get.result()
                 if msg.WhichOneof("body") is None:
                     break  # replaced by a newer stream of the same node
@@ -167,8 +171,11 @@ class TunnelService(pb_grpc.TunnelServicer):
             return [pb.CloudMessage(welcome=welcome), pb.CloudMessage(desired=push)]
         if kind == "heartbeat":
             self.metrics.heartbeats.inc()
-            node_store.touch_node(self.db, node_id=node_id)
             hb = msg.heartbeat
+            health = hb.health_json if 0 < len(hb.health_json) <= MAX_JSON_CHARS else None
+            if health is not None:
+                json.loads(health)  # must be JSON (a ValueError is counted and refused)
+            node_store.touch_node(self.db, node_id=node_id, health_json=health)
             ack = pb.HeartbeatAck(seq=hb.seq, sent_at_ms=hb.sent_at_ms, server_time_ms=now_ms())
             return [pb.CloudMessage(heartbeat_ack=ack)]
         if kind == "observed":

@@ -18,9 +18,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldline.cli.demo_classifier import make_frame, train_classifier
+from fieldline.cli.tcp_proxy import TcpProxy
 from tests.e2e.conftest import EDGE_ENV, Fleet, edge_status, wait_until
 from tests.support.mosquitto import MosquittoBroker
-from tests.support.tcp_proxy import TcpProxy
 
 READINGS = "plant1/line-a/sensor/temp"
 FRAMES = "plant1/line-a/camera/frames"

@@ -1,5 +1,7 @@
 """/v1/nodes: the fleet, each node with its connection, generations and artifacts."""
 
+import json
+
 from fastapi import APIRouter, HTTPException
 
 from fieldline.cloud.api.deps import ContextDep, OperatorKey, ViewerKey
@@ -24,7 +26,7 @@ def node_public(ctx: CloudContext, node: node_store.NodeRow) -> NodePublic:
         artifacts=[a.model_dump(mode="json") for a in observed.artifacts] if observed else [],
         active=observed.active if observed else {},
         errors=observed.errors if observed else [],
-        health=observed.health if observed else {},
+        health=json.loads(node.health) if node.health else (observed.health if observed else {}),
         node_info=node.node_info,
         synced_seq=node.synced_seq,
     )
