@@ -165,7 +165,7 @@ class Outbox:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 dropped = self._make_room(need_rows, need_bytes)
-                keys = delivered or [None] * len(records)
+                keys: list[str | None] = list(delivered) if delivered else [None] * len(records)
                 conn.executemany(
                     "INSERT INTO records (kind, topic, ts_ms, payload, size, delivery) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
