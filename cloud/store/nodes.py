@@ -94,11 +94,19 @@ def set_labels(db: Database, *, node_id: str, labels: dict[str, str]) -> None:
         d["nodes"].update(node_id, {"labels": json.dumps(labels)})
 
 
-def touch_node(db: Database, *, node_id: str, node_info: dict[str, Any] | None = None) -> None:
-    """Record that the node was heard from (and what it says about itself, on hello)."""
+def touch_node(
+    db: Database,
+    *,
+    node_id: str,
+    node_info: dict[str, Any] | None = None,
+    health_json: str | None = None,
+) -> None:
+    """Record that the node was heard from (what it says about itself on hello, its health)."""
     values: dict[str, Any] = {"last_seen": utcnow().isoformat()}
     if node_info is not None:
         values["node_info"] = json.dumps(node_info)
+    if health_json:
+        values["health"] = health_json
     with db.write() as d:
         d["nodes"].update(node_id, values)
 
