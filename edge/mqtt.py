@@ -2,8 +2,9 @@
 
 paho's callbacks only queue; one writer thread checks payloads, commits a batch to the outbox,
 and only then acknowledges its messages, so a crash loses nothing the broker handed over. A
-redelivery of a message stored before a crash (DUP flag, same packet id and bytes) is acked
-without being stored again.
+redelivery of a message stored before a crash (DUP flag, same packet id and bytes, among the
+newest ingested rows) is acked without being stored again. `python -m fieldline.edge.mqtt`
+runs a bare ingestor (the kill -9 tests use it).
 """
 
 from __future__ import annotations

@@ -9,6 +9,12 @@ Bounds (the policy's retention): rows and bytes. To make room the outbox first d
 rows, then the oldest unsynced telemetry (counted as dropped); verdicts and events are never
 dropped. When only they fill it, append raises OutboxFull and ingestion stops acknowledging,
 so the broker holds the backlog until sync frees room.
+
+Exactly once: sequences come from AUTOINCREMENT, so they are never reused, even after the
+newest rows were pruned and the process crashed. A message stored but not acked before a crash
+is recognised on redelivery by its delivery key (already_delivered); that holds while its row
+is still here, i.e. unless sync and a prune with keep_synced_s=0 removed it within the moment
+between the crash and the reconnect.
 """
 
 from __future__ import annotations
