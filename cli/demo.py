@@ -27,16 +27,18 @@ from fieldline.cli.processes import ProcessError, ProcessStack, start_cloud, sta
 from fieldline.cli.tcp_proxy import TcpProxy
 
 REFRESH_S = 0.5
+RATE_WINDOW_S = 3.0
 TRAIN_SECONDS = 4.0
 EDGES = (("edge-a", {"site": "plant1", "line": "a"}), ("edge-b", {"site": "plant1", "line": "b"}))
 CUT_AT, RESTORE_AT = 0.35, 0.65  # shares of the duration
-VERDICT_TOPIC = "plant1/verdicts"
+VERDICT_TOPIC = "plant1/line-{line}/verdicts"
 
 
-def _policy(rule: dict[str, Any]) -> dict[str, Any]:
+def _policy(line: str, rule: dict[str, Any]) -> dict[str, Any]:
+    """Each line's edge reads its own line's sensors and camera."""
     return {
-        "name": "plant1-inspection",
-        "subscriptions": [{"topic": "plant1/+/sensor/#", "kind": "telemetry"}],
+        "name": f"line-{line}-inspection",
+        "subscriptions": [{"topic": f"plant1/line-{line}/sensor/#", "kind": "telemetry"}],
         "inspections": [rule],
         "sync_interval_s": 1.0,
     }
@@ -161,19 +163,20 @@ def _setup(
             f"cloud quantized it to INT8: {q['int8_bytes']} vs {q['fp32_bytes']} bytes, "
             f"agreement {q['agreement']:.3f} on the calibration set"
         )
-        rule = trained.rule(
-            name="parts",
-            topic="plant1/+/camera/frames",
-            model="classifier",
-            result_topic=VERDICT_TOPIC,
-        )
-        admin.apply_policy(_policy(rule.model_dump(mode="json")), "site=plant1")
+        for line in ("a", "b"):
+            rule = trained.rule(
+                name="parts",
+                topic=f"plant1/line-{line}/camera/frames",
+                model="classifier",
+                result_topic=VERDICT_TOPIC.format(line=line),
+            )
+            admin.apply_policy(_policy(line, rule.model_dump(mode="json")), f"line={line}")
         admin.assign("classifier@1.0", "site=plant1")
         config = root / "line-a-settings.json"
         config.write_text('{"reject_threshold": 0.5}\n')
         admin.push_artifact(config, name="line-a-settings", version="1", kind="file")
         admin.assign("line-a-settings@1", "line=a")
-        events.add("policy + classifier@1.0 assigned to site=plant1; line-a-settings@1 to line=a")
+        events.add("a policy per line; classifier@1.0 to site=plant1; line-a-settings@1 to line=a")
         env = {
             "FIELDLINE_MQTT__PORT": str(broker.port),
             "FIELDLINE_MQTT__PROTOCOL": broker.protocol,
@@ -205,7 +208,7 @@ def _watch(
     """The live view until the duration ends; cuts and restores the tunnel midway."""
     t0 = time.monotonic()
     cut = restored = False
-    previous: dict[str, EdgeSample] = {}
+    history: dict[str, list[tuple[float, int]]] = {name: [] for name, _ in EDGES}
     with AdminClient(url, key) as admin, Live(console=console, refresh_per_second=4) as live:
         while not stop["now"]:
             elapsed = time.monotonic() - t0
@@ -224,10 +227,13 @@ def _watch(
                 restored = True
                 events.add("[green]tunnel restored[/green]: outboxes drain into the cloud")
             samples = {name: _sample(root / name) for name, _ in EDGES}
+            now = time.monotonic()
             for name, s in samples.items():
-                p = previous.get(name)
-                s.rate = (s.inspections - p.inspections) / REFRESH_S if p else 0.0
-            previous = samples
+                # Edges report once per heartbeat: rate over a few seconds, not one refresh.
+                h = [x for x in history[name] if now - x[0] <= RATE_WINDOW_S]
+                h.append((now, s.inspections))
+                history[name] = h
+                s.rate = (h[-1][1] - h[0][1]) / (h[-1][0] - h[0][0]) if len(h) > 1 else 0.0
             try:
                 nodes = admin.list_nodes()
                 records = _cloud_records(url)

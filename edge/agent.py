@@ -117,7 +117,7 @@ class EdgeAgent:
             coalesce=True,
         )
         self.scheduler.add_job(
-            tunnel.heartbeat,
+            self._heartbeat,
             "interval",
             seconds=s.heartbeat_interval_s,
             id="heartbeat",
