@@ -1,1 +1,28 @@
-"""fieldline.kernels."""
+"""fieldline.kernels: paged-KV attention, KV-cache write and W8A16 matmul (Triton + torch references).
+
+Also the launchers' shared device check.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+
+def check_devices(kernel: object, what: str, *tensors: torch.Tensor) -> None:
+    """Raise ValueError unless all tensors share a device the kernel can run on.
+
+    A compiled kernel (triton.JITFunction) needs CUDA tensors; one decorated under
+    TRITON_INTERPRET=1 runs on CPU tensors too.
+    """
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(
+            f"{what}: all tensors must be on one device, got {sorted(map(str, devices))}"
+        )
+    (device,) = devices
+    if isinstance(kernel, triton.runtime.JITFunction) and device.type != "cuda":
+        raise ValueError(
+            f"{what}: the compiled Triton kernel needs CUDA tensors, got {device}"
+            " (use the *_ref function, or TRITON_INTERPRET=1 in tests)"
+        )

@@ -12,6 +12,9 @@ from fieldline.kernels.kv_cache import write_kv_ref
 from fieldline.kernels.paged_attention import paged_attention_ref
 from fieldline.kernels.w8a16 import w8a16_matmul_ref
 
+# torch._weight_int8pack_mm on CPU crashes for bfloat16 unless K is a multiple of this.
+BF16_CPU_K_MULTIPLE = 16
+
 
 @dataclass(frozen=True)
 class AttentionBackend:
@@ -56,10 +59,18 @@ def int8_linear(
 
         y = w8a16_matmul(x2, w_int8, scales, bias)
     elif x.device.type == "cpu":
-        # torch's CPU int8 weight-only kernel wants the scales in the activation dtype.
-        y = torch._weight_int8pack_mm(x2.contiguous(), w_int8, scales.to(x.dtype))
+        # torch's CPU int8 weight-only kernel wants the scales in the activation dtype. Its
+        # bfloat16 path segfaults when K is not a multiple of 16 (torch 2.13, seen for K = 8, 24,
+        # 65, 72, 100); those shapes go through float32 and back, which is always safe.
+        compute = x.dtype
+        if x.dtype == torch.bfloat16 and x.shape[-1] % BF16_CPU_K_MULTIPLE:
+            compute = torch.float32
+        y = torch._weight_int8pack_mm(
+            x2.to(compute).contiguous(), w_int8.contiguous(), scales.to(compute)
+        )
         if bias is not None:
-            y = y + bias.to(y.dtype)
+            y = y + bias.to(compute)
+        y = y.to(x.dtype)
     else:
         y = w8a16_matmul_ref(x2, w_int8, scales, bias)
     return y.reshape(*shape[:-1], w_int8.shape[0])

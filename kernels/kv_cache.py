@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fieldline.kernels import check_devices
+
 
 def write_kv_ref(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -83,6 +85,7 @@ def write_kv(
         raise ValueError(f"key dtype {key.dtype} must equal the cache dtype {k_cache.dtype}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
+    check_devices(_write_kv_kernel, "write_kv", key, value, k_cache, v_cache, slot_mapping)
     key = key if key.stride(-1) == 1 and key.stride(-2) == key.shape[-1] else key.contiguous()
     value = (
         value

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fieldline.kernels import check_devices
+
 
 def paged_attention_ref(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
@@ -165,6 +167,16 @@ def paged_attention(
     for t in (block_tables, cu_seqlens_q, context_lens):
         if t.dtype != torch.int32:
             raise ValueError("block_tables, cu_seqlens_q and context_lens must be int32")
+    check_devices(
+        _paged_attention_kernel,
+        "paged_attention",
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        context_lens,
+    )
     out = torch.empty_like(q)
     if q.shape[0] == 0:
         return out
@@ -172,6 +184,7 @@ def paged_attention(
     block_m = 16 if max_new <= 16 else 32
     grid = (num_seqs, num_heads, triton.cdiv(max_new, block_m))
     block_tables = block_tables.contiguous()
+    cu_seqlens_q, context_lens = cu_seqlens_q.contiguous(), context_lens.contiguous()
     _paged_attention_kernel[grid](
         q,
         k_cache,

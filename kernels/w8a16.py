@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fieldline.kernels import check_devices
+
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-row int8: w [N, K] -> (w_int8 [N, K], scales [N] float32)."""
@@ -99,6 +101,11 @@ def w8a16_matmul(
         raise ValueError(f"scales must be [N] = [{w_int8.shape[0]}], got {tuple(scales.shape)}")
     if bias is not None and bias.shape != (w_int8.shape[0],):
         raise ValueError(f"bias must be [N] = [{w_int8.shape[0]}], got {tuple(bias.shape)}")
+    if not scales.is_floating_point() or (bias is not None and not bias.is_floating_point()):
+        raise ValueError("scales and bias must be floating point")
+    check_devices(
+        _w8a16_kernel, "w8a16_matmul", x, w_int8, scales, *([bias] if bias is not None else [])
+    )
     m, k = x.shape
     n = w_int8.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -108,7 +115,7 @@ def w8a16_matmul(
         x,
         w_int8,
         scales.float().contiguous(),
-        bias if bias is not None else scales,
+        bias.contiguous() if bias is not None else scales,
         y,
         m,
         n,
