@@ -48,6 +48,12 @@ def read_config(model_dir: Path) -> ModelConfig:
     if model_type not in SUPPORTED:
         raise CheckpointError(f"model_type {model_type!r} is not supported (only {SUPPORTED})")
     heads = int(c["num_attention_heads"])
+    # transformers 5 writes "rope_parameters" (theta inside); older checkpoints "rope_scaling".
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope_theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+    rope_scaling = (
+        rope if rope.get("rope_type", rope.get("type")) not in (None, "default") else None
+    )
     eos = c.get("eos_token_id")
     gen = model_dir / "generation_config.json"
     if gen.exists():
@@ -63,8 +69,8 @@ def read_config(model_dir: Path) -> ModelConfig:
         num_kv_heads=int(c.get("num_key_value_heads") or heads),
         head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(c.get("rope_theta", 10000.0)),
-        rope_scaling=c.get("rope_scaling"),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         # Qwen2 always has q/k/v biases; Llama only when attention_bias says so.
