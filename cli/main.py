@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from fieldline.cli import admin_cmds, daemon_cmds
+from fieldline.cli import admin_cmds, daemon_cmds, engine_cmds
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -23,16 +23,8 @@ app.add_typer(admin_cmds.artifact_app, name="artifact")
 app.add_typer(admin_cmds.nodes_app, name="nodes")
 app.add_typer(admin_cmds.policy_app, name="policy")
 app.command("assign")(admin_cmds.assign)
+app.add_typer(engine_cmds.engine_app, name="engine")
 app.command("records")(admin_cmds.records)
-
-
-def _mount_optional() -> None:
-    """Sub-apps whose modules may pull in heavy dependencies are mounted when present."""
-    try:
-        from fieldline.cli.engine_cmds import engine_app
-    except ImportError:  # the engine extra is part of the default install; keep the CLI usable
-        return
-    app.add_typer(engine_app, name="engine")
 
 
 @app.command("demo")
@@ -47,5 +39,4 @@ def demo(
 
 
 def main() -> None:
-    _mount_optional()
     app()
