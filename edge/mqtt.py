@@ -79,6 +79,34 @@ class _BufferedClient(mqtt.Client):
         self._rpos += len(out)
         return out
 
+    def _handle_publish(self) -> mqtt.MQTTErrorCode:
+        """Fast path for the common QoS 0/1 v5 PUBLISH with no properties: paho builds a
+        Properties object for each one (~15 us, a quarter of the time per message here).
+        Anything else (QoS 2, properties such as a topic alias, a short packet) goes to paho."""
+        cmd = self._in_packet["command"]
+        packet = self._in_packet["packet"]
+        qos = (cmd & 0x06) >> 1
+        if self._protocol != mqtt.MQTTv5 or qos == 2 or not self._manual_ack:
+            return super()._handle_publish()
+        try:
+            end = 2 + int.from_bytes(packet[:2], "big")
+            topic = bytes(packet[2:end])
+            mid = 0
+            if qos:
+                mid, end = int.from_bytes(packet[end : end + 2], "big"), end + 2
+            if len(topic) == 0 or (qos and mid == 0) or packet[end] != 0:
+                return super()._handle_publish()
+        except IndexError:
+            return super()._handle_publish()  # malformed: paho raises what it should
+        message = mqtt.MQTTMessage(mid=mid, topic=topic)
+        message.dup = bool(cmd & 0x08)
+        message.qos = qos
+        message.retain = bool(cmd & 0x01)
+        message.payload = bytes(packet[end + 1 :])
+        message.timestamp = time.monotonic()
+        self._handle_on_message(message)  # with manual_ack, QoS 1 waits for our ack()
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
         rc = super().loop_read(max_packets)
         # Each round consumes at least one buffered byte, so this ends.

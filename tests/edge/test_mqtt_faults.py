@@ -186,8 +186,18 @@ def test_broker_restart_mid_stream_loses_no_qos1_message(
         ing.stop()
         pub.loop_stop()
     ids = stored_ids(tmp_path)
-    assert set(ids) == set(range(total))
-    assert max(ids.values()) == 1, "a reading was stored twice"
+    assert set(ids) == set(range(total)), "a QoS 1 reading was lost"
+    # QoS 1 is at least once on the publisher's leg too: a publish whose PUBACK the stopping
+    # broker never sent is published again, and the broker takes it as a new message (new
+    # packet id). Such copies are allowed; a redelivery of the same broker message is not.
+    conn = sqlite3.connect(tmp_path / DB_FILE)
+    keys: dict[int, list[str]] = {}
+    for key, payload in conn.execute("SELECT delivery, payload FROM records"):
+        keys.setdefault(json.loads(payload)["id"], []).append(key)
+    conn.close()
+    copies = {i: k for i, k in keys.items() if len(k) > 1}
+    assert all(len(set(k)) == len(k) for k in copies.values()), copies
+    assert len(copies) <= 10, f"{len(copies)} readings published twice"
 
 
 def _png(size: int = 16) -> bytes:
