@@ -139,13 +139,12 @@ def prefix_ttft(path: Path, n: int, prefix_len: int, vocab: int, caching: bool) 
     prefix = torch.randint(3, vocab, (prefix_len,), generator=g).tolist()
     engine = LLMEngine(EngineConfig(model=str(path), enable_prefix_caching=caching, max_num_seqs=8))
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    engine.generate([prefix + [5]], params)  # warm: the shared prefix enters the cache
+    engine.generate([[*prefix, 5]], params)  # warm: the shared prefix enters the cache
     ttfts = []
-    for i in range(n):
+    for _ in range(n):
         t0 = time.perf_counter()
         engine.generate([prefix + torch.randint(3, vocab, (8,), generator=g).tolist()], params)
         ttfts.append(time.perf_counter() - t0)
-        del i
     return statistics.median(ttfts) * 1000
 
 
