@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from fieldline.kernels.kv_cache import write_kv_ref
-from fieldline.kernels.paged_attention import paged_attention_ref
+from fieldline.kernels.paged_attention_torch import paged_attention_torch
 from fieldline.kernels.w8a16 import w8a16_matmul_ref
 
 # torch._weight_int8pack_mm on CPU crashes for bfloat16 unless K is a multiple of this.
@@ -32,7 +32,7 @@ def get_attention_backend(device: torch.device, name: str = "auto") -> Attention
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
-        return AttentionBackend("torch", write_kv_ref, paged_attention_ref)
+        return AttentionBackend("torch", write_kv_ref, paged_attention_torch)
     if name == "triton":
         if device.type != "cuda" and not _interpreting():
             raise ValueError(
