@@ -10,6 +10,7 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,9 +113,9 @@ def device() -> torch.device:
 def _run_module_in_subprocess(item: pytest.Function) -> dict[str, str | None]:
     """Run this module's selected tests in a fresh pytest; map test name -> failure text or None."""
     node_ids = [i.nodeid for i in item.session.items if i.path == item.path]
-    report = item.path.parent / f".{item.path.stem}.{os.getpid()}.junit.xml"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    try:
+    with tempfile.TemporaryDirectory(prefix="fieldline-kernels-") as tmp:
+        report = Path(tmp) / "junit.xml"
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
              f"--junitxml={report}", *node_ids],
@@ -132,8 +133,6 @@ def _run_module_in_subprocess(item: pytest.Function) -> dict[str, str | None]:
                 None if problem is None else f"{problem.get('message')}\n{problem.text or ''}"
             )
         return results
-    finally:
-        report.unlink(missing_ok=True)
 
 
 @pytest.hookimpl(tryfirst=True)
