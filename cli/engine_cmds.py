@@ -25,7 +25,9 @@ def generate(
     from fieldline.edge.engine.engine import LLMEngine
     from fieldline.edge.engine.loader import CheckpointError
     from fieldline.edge.engine.sequence import SamplingParams
+    from fieldline.shared.logs import configure_logging
 
+    configure_logging("warning")  # stdout carries only the generated text
     try:
         engine = LLMEngine(EngineConfig(model=str(model)))
     except (CheckpointError, ValueError) as exc:
