@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from fieldline.edge.engine.sampler import sample
@@ -50,3 +52,28 @@ def test_top_p_never_leaves_the_nucleus() -> None:
     g = gen(5)
     drawn = {sample(logits, [p], [g])[0] for _ in range(500)}
     assert drawn == {0, 1}
+
+
+def test_seeded_request_reproduces_through_the_engine(tmp_path: Path) -> None:
+    """Same seed, same tokens: alone, or batched with other (seeded and unseeded) requests."""
+    from fieldline.edge.engine.config import EngineConfig
+    from fieldline.edge.engine.engine import LLMEngine
+    from tests.edge.engine.test_parity import write_checkpoint
+
+    model = write_checkpoint(tmp_path / "m", "qwen2")
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=1234, max_tokens=12)
+    params.ignore_eos = True
+    prompt = [5, 9, 17, 33, 65]
+
+    def run(prompts: list[list[int]], ps: list[SamplingParams]) -> list[int]:
+        engine = LLMEngine(EngineConfig(model=str(model), max_num_seqs=4))
+        return engine.generate(prompts, ps)[0].output_token_ids
+
+    alone = run([prompt], [params])
+    other = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    mixed = run(
+        [prompt, [7] * 40, [8, 9], prompt],
+        [params, other, SamplingParams(temperature=0.7, seed=5, max_tokens=3), other],
+    )
+    assert len(alone) == 12 and alone == mixed
+    assert run([prompt], [SamplingParams(temperature=1.0, seed=4321, max_tokens=12)]) != alone
