@@ -44,6 +44,15 @@ class ModelRunner:
             2 * mc.num_layers * bs * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
         )
         self.num_blocks = config.resolve_num_blocks(self.bytes_per_block)
+        max_len = config.max_model_len or mc.max_position_embeddings
+        if self.num_blocks * bs < max_len:
+            # still usable (sequences are preempted or capped), but say so: one request of
+            # max_model_len tokens cannot fit and the scheduler will refuse or cap it
+            log.warning(
+                "kv cache smaller than one max-length sequence",
+                kv_slots=self.num_blocks * bs,
+                max_model_len=max_len,
+            )
         shape = (self.num_blocks, bs, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [
             (
