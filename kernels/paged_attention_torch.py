@@ -45,12 +45,13 @@ def paged_attention_torch(
     length = int(ctx.max())
     nb = (length + block_size - 1) // block_size
     tables = block_tables[decode, :nb]
-    k = _gather(k_cache, tables, length).repeat_interleave(group, dim=2).transpose(1, 2)
-    v = _gather(v_cache, tables, length).repeat_interleave(group, dim=2).transpose(1, 2)
+    # keys stay at kv_heads: SDPA's enable_gqa maps head h to kv head h // group without a copy
+    k = _gather(k_cache, tables, length).transpose(1, 2)  # [S_d, kv_heads, L, D]
+    v = _gather(v_cache, tables, length).transpose(1, 2)
     qd = q[rows].unsqueeze(2)  # [S_d, H, 1, D]
     mask = torch.arange(length, device=q.device)[None, :] < ctx[:, None]  # [S_d, L]
     o = F.scaled_dot_product_attention(
-        qd.float(), k.float(), v.float(), attn_mask=mask[:, None, None, :], scale=scale
+        qd, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=group > 1
     )
     out[rows] = o.squeeze(2).to(q.dtype)
     # the rest (prefill and chunks) one sequence at a time, through the reference
