@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,6 +36,16 @@ def _client(url: str, key: str | None) -> AdminClient:
     return AdminClient(url, key)
 
 
+@contextmanager
+def _admin(url: str, key: str | None) -> Iterator[AdminClient]:
+    """A client whose API refusals become the CLI's error message and exit code 1."""
+    with _client(url, key) as c:
+        try:
+            yield c
+        except AdminError as exc:
+            raise fail(str(exc)) from exc
+
+
 def _labels(text: str) -> dict[str, str]:
     try:
         return parse_labels(text)
@@ -50,11 +62,8 @@ def token_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Mint a single-use, expiring enrollment token."""
-    with _client(url, key) as c:
-        try:
-            tok = c.create_token(_labels(labels), ttl)
-        except AdminError as exc:
-            raise fail(str(exc)) from exc
+    with _admin(url, key) as c:
+        tok = c.create_token(_labels(labels), ttl)
     if as_json:
         print_json(tok)
     else:
@@ -70,11 +79,8 @@ def key_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create an API key (shown once)."""
-    with _client(url, key) as c:
-        try:
-            created = c.create_key(role, name)
-        except AdminError as exc:
-            raise fail(str(exc)) from exc
+    with _admin(url, key) as c:
+        created = c.create_key(role, name)
     if as_json:
         print_json(created)
     else:
@@ -110,29 +116,22 @@ def artifact_push(
         raise fail("--calibration only makes sense with --quantize int8", 2)
     if calibration is not None and not calibration.is_file():
         raise fail(f"{calibration} is not a file", 2)
-    with _client(url, key) as c:
-        try:
-            if quantize is None:
-                manifest = _upload(c, path, name, version, kind, quiet=as_json)
-            else:
-                if kind != "onnx":
-                    raise fail("--quantize int8 applies to --kind onnx (LLMs: see docs)", 2)
-                fp32 = _upload(c, path, name, f"{version}-fp32", kind, quiet=as_json)
-                calib_ref = None
-                if calibration is not None:
-                    cal = _upload(
-                        c, calibration, f"{name}-calibration", version, "file", quiet=as_json
-                    )
-                    calib_ref = f"{cal['name']}@{cal['version']}"
-                if not as_json:
-                    console.print(
-                        f"quantizing {fp32['name']}@{fp32['version']} to INT8 in the cloud…"
-                    )
-                manifest = c.quantize(
-                    name, fp32["version"], target_version=version, calibration=calib_ref
-                )
-        except AdminError as exc:
-            raise fail(str(exc)) from exc
+    with _admin(url, key) as c:
+        if quantize is None:
+            manifest = _upload(c, path, name, version, kind, quiet=as_json)
+        else:
+            if kind != "onnx":
+                raise fail("--quantize int8 applies to --kind onnx (LLMs: see docs)", 2)
+            fp32 = _upload(c, path, name, f"{version}-fp32", kind, quiet=as_json)
+            calib_ref = None
+            if calibration is not None:
+                cal = _upload(c, calibration, f"{name}-calibration", version, "file", quiet=as_json)
+                calib_ref = f"{cal['name']}@{cal['version']}"
+            if not as_json:
+                console.print(f"quantizing {fp32['name']}@{fp32['version']} to INT8 in the cloud…")
+            manifest = c.quantize(
+                name, fp32["version"], target_version=version, calibration=calib_ref
+            )
     if as_json:
         print_json(manifest)
         return
@@ -174,11 +173,8 @@ def _upload(
 @artifact_app.command("list")
 def artifact_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """List artifacts."""
-    with _client(url, key) as c:
-        try:
-            rows = c.list_artifacts()
-        except AdminError as exc:
-            raise fail(str(exc)) from exc
+    with _admin(url, key) as c:
+        rows = c.list_artifacts()
     if as_json:
         print_json(rows)
         return
@@ -205,11 +201,8 @@ def assign(
 ) -> None:
     """Assign an artifact to every node matching the selector."""
     _labels(selector)
-    with _client(url, key) as c:
-        try:
-            result = c.assign(artifact, selector)
-        except AdminError as exc:
-            raise fail(str(exc)) from exc
+    with _admin(url, key) as c:
+        result = c.assign(artifact, selector)
     if as_json:
         print_json(result)
     else:
@@ -243,11 +236,8 @@ def node_rows(nodes: list[dict]) -> list[dict]:
 @nodes_app.command("list")
 def nodes_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """List nodes with their state."""
-    with _client(url, key) as c:
-        try:
-            nodes = c.list_nodes()
-        except AdminError as exc:
-            raise fail(str(exc)) from exc
+    with _admin(url, key) as c:
+        nodes = c.list_nodes()
     if as_json:
         print_json(nodes)
     else:
@@ -263,11 +253,8 @@ def nodes_label(
     as_json: JsonOpt = False,
 ) -> None:
     """Replace a node's labels (its desired state follows the assignments that now match)."""
-    with _client(url, key) as c:
-        try:
-            node = c.set_labels(node_id, _labels(labels))
-        except AdminError as exc:
-            raise fail(str(exc)) from exc
+    with _admin(url, key) as c:
+        node = c.set_labels(node_id, _labels(labels))
     if as_json:
         print_json(node)
     else:
@@ -295,11 +282,8 @@ def policy_apply(
         policy = load_policy(path)
     except PolicyError as exc:
         raise fail(str(exc), 2) from exc
-    with _client(url, key) as c:
-        try:
-            result = c.apply_policy(policy.model_dump(mode="json"), selector)
-        except AdminError as exc:
-            raise fail(str(exc)) from exc
+    with _admin(url, key) as c:
+        result = c.apply_policy(policy.model_dump(mode="json"), selector)
     if as_json:
         print_json(result)
     else:
@@ -317,11 +301,8 @@ def records(
     as_json: JsonOpt = False,
 ) -> None:
     """Records the edges synced to the cloud (readings, verdicts, events)."""
-    with _client(url, key) as c:
-        try:
-            page = c.records(node=node, kind=kind, topic=topic, limit=limit, cursor=cursor)
-        except AdminError as exc:
-            raise fail(str(exc)) from exc
+    with _admin(url, key) as c:
+        page = c.records(node=node, kind=kind, topic=topic, limit=limit, cursor=cursor)
     if as_json:
         print_json(page)
         return
