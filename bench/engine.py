@@ -158,7 +158,7 @@ def main() -> None:
 
     configure_logging("warning")
     torch.set_num_threads(2)
-    hidden, layers, vocab = (256, 4, 4096) if args.quick else (512, 8, 32000)
+    hidden, layers, vocab = (256, 4, 4096) if args.quick else (512, 11, 32000)
     n = 16 if args.quick else 64
     root = (
         args.model_dir or Path(tempfile.gettempdir()) / f"fieldline-bench-qwen2-{hidden}x{layers}"
