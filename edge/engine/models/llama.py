@@ -41,6 +41,18 @@ class Batch:
     logits_indices: torch.Tensor  # [N] int64: rows whose next token is sampled
 
 
+def fuse(parts: list[Linear]) -> Linear:
+    """One Linear whose output is the parts' outputs side by side (float or int8 alike)."""
+    bias = None
+    if any(p.bias is not None for p in parts):
+        bias = torch.cat(
+            [p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0]) for p in parts]
+        )
+    scales = [p.scale for p in parts]
+    scale = torch.cat(scales) if all(sc is not None for sc in scales) else None  # type: ignore[arg-type]
+    return Linear(torch.cat([p.weight for p in parts]).contiguous(), bias, scale)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -113,13 +125,13 @@ class LlamaModel:
             self.layers.append(
                 {
                     "in_norm": tensor(f"{p}.input_layernorm.weight"),
-                    "q": linear(f"{p}.self_attn.q_proj", cfg.attention_bias),
-                    "k": linear(f"{p}.self_attn.k_proj", cfg.attention_bias),
-                    "v": linear(f"{p}.self_attn.v_proj", cfg.attention_bias),
+                    # q, k and v (and gate and up) as one matmul each: one pass over x.
+                    "qkv": fuse(
+                        [linear(f"{p}.self_attn.{n}_proj", cfg.attention_bias) for n in "qkv"]
+                    ),
                     "o": linear(f"{p}.self_attn.o_proj"),
                     "post_norm": tensor(f"{p}.post_attention_layernorm.weight"),
-                    "gate": linear(f"{p}.mlp.gate_proj"),
-                    "up": linear(f"{p}.mlp.up_proj"),
+                    "gate_up": fuse([linear(f"{p}.mlp.gate_proj"), linear(f"{p}.mlp.up_proj")]),
                     "down": linear(f"{p}.mlp.down_proj"),
                 }
             )
@@ -145,9 +157,12 @@ class LlamaModel:
         sin = self.sin[batch.positions].unsqueeze(1)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             x = rms_norm(h, layer["in_norm"], cfg.rms_norm_eps)
-            q = layer["q"](x).view(t, cfg.num_heads, cfg.head_dim)
-            k = layer["k"](x).view(t, cfg.num_kv_heads, cfg.head_dim)
-            v = layer["v"](x).view(t, cfg.num_kv_heads, cfg.head_dim)
+            q_size = cfg.num_heads * cfg.head_dim
+            kv_size = cfg.num_kv_heads * cfg.head_dim
+            q, k, v = layer["qkv"](x).split([q_size, kv_size, kv_size], dim=-1)
+            q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.backend.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
             attn = self.backend.attention(
@@ -161,6 +176,7 @@ class LlamaModel:
             )  # [T, heads, head_dim]
             h = h + layer["o"](attn.reshape(t, cfg.num_heads * cfg.head_dim))
             x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
-            h = h + layer["down"](F.silu(layer["gate"](x)) * layer["up"](x))
+            gate, up = layer["gate_up"](x).chunk(2, dim=-1)
+            h = h + layer["down"](F.silu(gate) * up)
         last = rms_norm(h[batch.logits_indices], self.norm, cfg.rms_norm_eps)
         return self.lm_head(last).float()
