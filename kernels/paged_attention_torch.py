@@ -2,7 +2,8 @@
 
 Same contract as paged_attention_ref. Decode rows (one new token) of all sequences go through one
 batched scaled_dot_product_attention over their gathered blocks; sequences with several new
-tokens (prefill, chunks) are few per step and go one by one, so padding never multiplies work.
+tokens (prefill, chunks) are few per step and go one by one through SDPA too, so padding never
+multiplies work and GQA never copies K/V per query head.
 """
 
 from __future__ import annotations
@@ -10,14 +11,61 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fieldline.kernels.paged_attention import paged_attention_ref
-
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
     # cache: [num_blocks, block_size, kv_heads, D]; tables: [S, nb] -> [S, length, kv_heads, D]
     s, nb = tables.shape
     out = cache[tables.long().clamp(min=0)].reshape(s, nb * cache.shape[1], *cache.shape[2:])
     return out[:, :length]
+
+
+def _decode(
+    q: torch.Tensor,  # [S, H, D]: one query row per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,  # [S, max_blocks]
+    ctx: torch.Tensor,  # [S] int64
+    scale: float,
+) -> torch.Tensor:
+    # [S, H, 1, D] against [S, kv_heads, L, D] keys, masked past each context length; SDPA's
+    # enable_gqa maps head h to kv head h // group without a copy.
+    length = int(ctx.max())
+    nb = (length + k_cache.shape[1] - 1) // k_cache.shape[1]
+    k = _gather(k_cache, tables[:, :nb], length).transpose(1, 2)
+    v = _gather(v_cache, tables[:, :nb], length).transpose(1, 2)
+    mask = torch.arange(length, device=q.device)[None, :] < ctx[:, None]  # [S, L]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2),
+        k,
+        v,
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != k_cache.shape[2],
+    )
+    return o.squeeze(2)  # [S, H, D]
+
+
+def _prefill(
+    q: torch.Tensor,  # [n_new, H, D]: the last n_new positions of a ctx-token sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,  # [max_blocks]
+    ctx: int,
+    scale: float,
+) -> torch.Tensor:
+    n_new = q.shape[0]
+    nb = (ctx + k_cache.shape[1] - 1) // k_cache.shape[1]
+    k = _gather(k_cache, table[None, :nb], ctx)[0].transpose(0, 1)  # [kv_heads, ctx, D]
+    v = _gather(v_cache, table[None, :nb], ctx)[0].transpose(0, 1)
+    qh = q.transpose(0, 1)  # [H, n_new, D]
+    gqa = q.shape[1] != k_cache.shape[2]
+    if n_new == ctx:  # a whole prompt: plain causal
+        o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:  # a chunk after cached context: row i sees positions <= ctx - n_new + i
+        q_pos = torch.arange(ctx - n_new, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos  # [n_new, ctx]
+        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o.transpose(0, 1)  # [n_new, H, D]
 
 
 def paged_attention_torch(
@@ -29,43 +77,18 @@ def paged_attention_torch(
     context_lens: torch.Tensor,  # [num_seqs] int32
     scale: float,
 ) -> torch.Tensor:
-    n_new = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    decode = (n_new == 1).nonzero().flatten()
-    if len(decode) < 2:  # nothing to batch
-        return paged_attention_ref(
-            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
-        )
     out = torch.empty_like(q)
-    num_heads = q.shape[1]
-    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // kv_heads
-    # decode rows: [S_d, H, 1, D] against [S_d, H, L, D] keys, masked past each context length
-    rows = cu_seqlens_q[:-1].long()[decode]
-    ctx = context_lens.long()[decode]
-    length = int(ctx.max())
-    nb = (length + block_size - 1) // block_size
-    tables = block_tables[decode, :nb]
-    # keys stay at kv_heads: SDPA's enable_gqa maps head h to kv head h // group without a copy
-    k = _gather(k_cache, tables, length).transpose(1, 2)  # [S_d, kv_heads, L, D]
-    v = _gather(v_cache, tables, length).transpose(1, 2)
-    qd = q[rows].unsqueeze(2)  # [S_d, H, 1, D]
-    mask = torch.arange(length, device=q.device)[None, :] < ctx[:, None]  # [S_d, L]
-    o = F.scaled_dot_product_attention(
-        qd, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=group > 1
-    )
-    out[rows] = o.squeeze(2).to(q.dtype)
-    # the rest (prefill and chunks) one sequence at a time, through the reference
-    for i in (n_new != 1).nonzero().flatten().tolist():
-        a, b = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
-        if a == b:
-            continue
-        out[a:b] = paged_attention_ref(
-            q[a:b],
-            k_cache,
-            v_cache,
-            block_tables[i : i + 1],
-            torch.tensor([0, b - a], dtype=torch.int32, device=q.device),
-            context_lens[i : i + 1],
-            scale,
-        )
+    cu = cu_seqlens_q.tolist()
+    lens = context_lens.tolist()
+    decode = [i for i in range(len(lens)) if cu[i + 1] - cu[i] == 1]
+    if decode:
+        idx = torch.tensor(decode, device=q.device)
+        rows = cu_seqlens_q[:-1].long()[idx]
+        out[rows] = _decode(
+            q[rows], k_cache, v_cache, block_tables[idx], context_lens.long()[idx], scale
+        ).to(q.dtype)
+    for i in range(len(lens)):
+        a, b = cu[i], cu[i + 1]
+        if b - a > 1:
+            out[a:b] = _prefill(q[a:b], k_cache, v_cache, block_tables[i], lens[i], scale)
     return out

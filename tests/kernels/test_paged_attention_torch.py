@@ -18,9 +18,11 @@ from tests.kernels.test_paged_attention import make_batch
         ([64, 33, 90, 2], [64, 1, 9, 1]),  # prefill, decode, chunk, decode
         ([3], [1]),  # one sequence
         ([20, 16, 16], [20, 16, 1]),
+        ([100, 37, 250], [30, 37, 17]),  # chunks onto cached context, a whole prompt
+        ([7, 0, 9], [1, 0, 1]),  # a sequence with nothing new this step
     ],
 )
-@pytest.mark.parametrize("ratio", [1, 4])
+@pytest.mark.parametrize("ratio", [1, 2, 4])
 def test_matches_reference(ctx: list[int], new: list[int], ratio: int) -> None:
     args = make_batch(ctx, new, 4, 4 // ratio, 64, torch.float32, seed=len(ctx))
     scale = 64**-0.5
