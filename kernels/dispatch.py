@@ -1,4 +1,7 @@
-"""The one seam the model calls for attention and int8 linears: Triton on CUDA, torch elsewhere."""
+"""The one seam the model calls for attention and linears: Triton on CUDA, torch elsewhere.
+
+Float32 linears on CPU go through oneDNN with prepacked weights (kernels/cpu_linear.py).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,21 @@ from dataclasses import dataclass
 
 import torch
 
+from fieldline.kernels.cpu_linear import can_prepack as can_prepack_linear
+from fieldline.kernels.cpu_linear import packed_linear
+from fieldline.kernels.cpu_linear import prepack as prepack_linear
 from fieldline.kernels.kv_cache import write_kv_ref
 from fieldline.kernels.paged_attention_torch import paged_attention_torch
 from fieldline.kernels.w8a16 import w8a16_matmul_ref
+
+__all__ = [
+    "AttentionBackend",
+    "can_prepack_linear",
+    "get_attention_backend",
+    "int8_linear",
+    "packed_linear",
+    "prepack_linear",
+]
 
 # torch._weight_int8pack_mm on CPU crashes for bfloat16 unless K is a multiple of this.
 BF16_CPU_K_MULTIPLE = 16

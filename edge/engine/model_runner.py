@@ -36,6 +36,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
             backend=backend,
+            prepack_batch=config.max_num_seqs if config.prepack_weights else None,
         )
         mc = self.model_config
         bs = config.block_size

@@ -99,6 +99,8 @@ CASES = {
     "prefix-cache-off": dict(enable_prefix_caching=False),
     "preemption": dict(num_blocks=14, max_num_seqs=16),
     "small-chunks": dict(max_prefill_chunk=8, max_num_batched_tokens=16),
+    # every other case runs the oneDNN-prepacked CPU linears; this one the plain F.linear
+    "plain-linears": dict(prepack_weights=False),
 }
 
 
