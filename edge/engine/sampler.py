@@ -14,9 +14,11 @@ def sample(
 ) -> list[int]:
     """One token per row; each row draws from its own generator, so batching never changes it."""
     out: list[int] = []
-    for row, p, gen in zip(logits, params, generators, strict=True):
+    # one argmax over the batch serves every greedy row
+    greedy = logits.argmax(dim=-1).tolist() if any(p.temperature <= 0 for p in params) else []
+    for i, (row, p, gen) in enumerate(zip(logits, params, generators, strict=True)):
         if p.temperature <= 0:
-            out.append(int(torch.argmax(row)))
+            out.append(greedy[i])
             continue
         scores = row / p.temperature
         if p.top_k and p.top_k < scores.shape[-1]:
