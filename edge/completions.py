@@ -36,6 +36,7 @@ class Recipe:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     @property
     def deterministic(self) -> bool:
@@ -75,6 +76,7 @@ def build_request(served: ServedModel, recipe: Recipe) -> GenerationRequest:
         top_k=recipe.top_k,
         seed=recipe.seed,
         max_tokens=recipe.max_tokens,
+        ignore_eos=recipe.ignore_eos,
     )
     key = None
     if recipe.deterministic:
@@ -86,6 +88,7 @@ def build_request(served: ServedModel, recipe: Recipe) -> GenerationRequest:
             "top_k": recipe.top_k,
             "seed": recipe.seed,
             "stop": sorted(stop),
+            "ignore_eos": recipe.ignore_eos,
         }
         key = cache_key(served.ref, normalized)
     return GenerationRequest(prompt_ids, params, stop, key)

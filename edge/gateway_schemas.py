@@ -33,6 +33,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0, le=100_000)  # an extension; 0 = off
+    ignore_eos: bool = False  # an extension (as vLLM's): generate max_tokens whatever comes
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -114,6 +115,7 @@ class ChatRequest(_Sampling):
             top_k=self.top_k,
             seed=self.seed,
             stop=self.stops,
+            ignore_eos=self.ignore_eos,
         )
 
 
@@ -147,4 +149,5 @@ class CompletionRequest(_Sampling):
             top_k=self.top_k,
             seed=self.seed,
             stop=self.stops,
+            ignore_eos=self.ignore_eos,
         )
