@@ -33,8 +33,17 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_demo_llm(directory: Path, seed: int = 0) -> Path:
-    """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json."""
+def write_demo_llm(
+    directory: Path,
+    seed: int = 0,
+    *,
+    hidden: int = HIDDEN,
+    layers: int = LAYERS,
+    heads: int = HEADS,
+    kv_heads: int = KV_HEADS,
+) -> Path:
+    """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json (bench/gateway.py
+    asks for a bigger one)."""
     import torch
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -47,6 +56,7 @@ def write_demo_llm(directory: Path, seed: int = 0) -> Path:
         vocab_size=VOCAB,
         special_tokens=SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     tok.save(str(directory / "tokenizer.json"))
@@ -62,40 +72,40 @@ def write_demo_llm(directory: Path, seed: int = 0) -> Path:
     )
 
     gen = torch.Generator().manual_seed(seed)
-    head_dim = HIDDEN // HEADS
-    inter = 2 * HIDDEN
+    head_dim = hidden // heads
+    inter = 2 * hidden
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * 0.2
 
     weights = {
-        "model.embed_tokens.weight": rand(VOCAB, HIDDEN),
-        "model.norm.weight": torch.ones(HIDDEN),
-        "lm_head.weight": rand(VOCAB, HIDDEN),
+        "model.embed_tokens.weight": rand(VOCAB, hidden),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": rand(VOCAB, hidden),
     }
-    for i in range(LAYERS):
+    for i in range(layers):
         p = f"model.layers.{i}"
         weights |= {
-            f"{p}.input_layernorm.weight": torch.ones(HIDDEN),
-            f"{p}.post_attention_layernorm.weight": torch.ones(HIDDEN),
-            f"{p}.self_attn.q_proj.weight": rand(HEADS * head_dim, HIDDEN),
-            f"{p}.self_attn.k_proj.weight": rand(KV_HEADS * head_dim, HIDDEN),
-            f"{p}.self_attn.v_proj.weight": rand(KV_HEADS * head_dim, HIDDEN),
-            f"{p}.self_attn.o_proj.weight": rand(HIDDEN, HEADS * head_dim),
-            f"{p}.mlp.gate_proj.weight": rand(inter, HIDDEN),
-            f"{p}.mlp.up_proj.weight": rand(inter, HIDDEN),
-            f"{p}.mlp.down_proj.weight": rand(HIDDEN, inter),
+            f"{p}.input_layernorm.weight": torch.ones(hidden),
+            f"{p}.post_attention_layernorm.weight": torch.ones(hidden),
+            f"{p}.self_attn.q_proj.weight": rand(heads * head_dim, hidden),
+            f"{p}.self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
+            f"{p}.self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
+            f"{p}.self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+            f"{p}.mlp.gate_proj.weight": rand(inter, hidden),
+            f"{p}.mlp.up_proj.weight": rand(inter, hidden),
+            f"{p}.mlp.down_proj.weight": rand(hidden, inter),
         }
     save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": VOCAB,
-        "hidden_size": HIDDEN,
+        "hidden_size": hidden,
         "intermediate_size": inter,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "max_position_embeddings": MAX_POSITIONS,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,

@@ -197,6 +197,7 @@ class GatewayServer:
             family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((s.host, s.port))
             sock.listen(128)
             sock.setblocking(False)
