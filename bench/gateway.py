@@ -35,7 +35,32 @@ from fieldline.shared.policy import Policy
 
 T = TypeVar("T")
 MODEL = "assistant"
-WORDS = ["press", "line", "oven", "conveyor", "belt", "camera", "weld", "seam", "station", "alarm", "temperature", "pressure", "motor", "sensor", "valve", "pump", "operator", "shift", "part", "defect", "scratch", "lens", "light", "restart"]
+WORDS = [
+    "press",
+    "line",
+    "oven",
+    "conveyor",
+    "belt",
+    "camera",
+    "weld",
+    "seam",
+    "station",
+    "alarm",
+    "temperature",
+    "pressure",
+    "motor",
+    "sensor",
+    "valve",
+    "pump",
+    "operator",
+    "shift",
+    "part",
+    "defect",
+    "scratch",
+    "lens",
+    "light",
+    "restart",
+]
 
 
 def log(msg: str) -> None:

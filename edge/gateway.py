@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fieldline.edge.gateway_deps import GatewayState, StateDep, require_key
 from fieldline.edge.gateway_metrics import EngineReading
@@ -60,9 +61,40 @@ def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes (413), declared or streamed, before a route
+    reads them into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _error(413, f"request body exceeds {self.limit} bytes")(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, f"request body exceeds {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def create_app(state: GatewayState) -> FastAPI:
     app = FastAPI(title="fieldline edge gateway", docs_url=None, redoc_url=None)
     app.state.gateway = state
+    app.add_middleware(BodyLimit, limit=state.settings.max_body_bytes)
     app.include_router(openai_router, dependencies=[Depends(require_key)])
 
     @app.exception_handler(StarletteHTTPException)

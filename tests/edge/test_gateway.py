@@ -379,6 +379,9 @@ def test_bad_requests_get_openai_shaped_errors(gateway: ThreadedGateway) -> None
         err = r.json()["error"]
         assert words in err["message"] and err["type"] == "invalid_request_error"
     assert httpx.post(url, content=b"{not json", timeout=30).status_code == 400
+    huge = {"model": MODEL, "messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]}
+    r = httpx.post(url, json=huge, timeout=30)
+    assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
     too_long = " ".join(WORDS * 200)
     for stream in (False, True):
         with pytest.raises(BadRequestError, match="max_model_len"):
