@@ -35,7 +35,9 @@ from fieldline.shared.policy import Policy, template_prefix
 
 log = structlog.get_logger(__name__)
 
-HOT_MAX_EVENTS = 100_000  # requests remembered for "most requested" (oldest forgotten first)
+HOT_MAX_EVENTS = 20_000  # requests remembered for "most requested" (oldest forgotten first)
+# Longer requests are not tracked as hot: bounds the memory the tracker may hold.
+HOT_MAX_PROMPT_CHARS = 4096
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as the gateway's /v1/completions
 # Marks where a template's fixed text ends inside a rendered chat prompt.
 CUT_MARK = "\u2063fieldline-template-cut\u2063"
@@ -44,24 +46,46 @@ BOUNDARY_TOKENS = 1
 
 
 class HotRequests:
-    """Deterministic requests the gateway served, with their times, to find the hot ones."""
+    """Deterministic requests the gateway served, with their times, to find the hot ones.
+
+    Equal requests share one stored Recipe, and long ones are not tracked, so the memory held
+    stays bounded by HOT_MAX_EVENTS and HOT_MAX_PROMPT_CHARS.
+    """
 
     def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
         self._clock = clock
-        self._events: deque[tuple[float, Recipe]] = deque(maxlen=HOT_MAX_EVENTS)
+        self._events: deque[tuple[float, Recipe]] = deque()
+        self._counts: Counter[Recipe] = Counter()
+        self._interned: dict[Recipe, Recipe] = {}
 
     def record(self, recipe: Recipe) -> None:
-        if recipe.deterministic:
-            self._events.append((self._clock(), recipe))
+        if not recipe.deterministic or _prompt_chars(recipe) > HOT_MAX_PROMPT_CHARS:
+            return
+        if len(self._events) >= HOT_MAX_EVENTS:
+            self._forget_oldest()
+        stored = self._interned.setdefault(recipe, recipe)  # one copy per distinct request
+        self._counts[stored] += 1
+        self._events.append((self._clock(), stored))
 
     def top(self, n: int) -> list[Recipe]:
         """The n most requested recipes of the last window, most requested first."""
         cutoff = self._clock() - self.window_s
         while self._events and self._events[0][0] < cutoff:
-            self._events.popleft()
-        counts = Counter(recipe for _, recipe in self._events)
-        return [recipe for recipe, _ in counts.most_common(n)]
+            self._forget_oldest()
+        return [recipe for recipe, _ in self._counts.most_common(n)]
+
+    def _forget_oldest(self) -> None:
+        _, recipe = self._events.popleft()
+        self._counts[recipe] -= 1
+        if self._counts[recipe] <= 0:
+            del self._counts[recipe], self._interned[recipe]
+
+
+def _prompt_chars(recipe: Recipe) -> int:
+    if recipe.kind == "chat":
+        return sum(len(m.content) for m in recipe.messages)
+    return len(recipe.prompt)
 
 
 @dataclass

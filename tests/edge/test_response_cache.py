@@ -96,3 +96,14 @@ def test_hot_requests_counts_within_the_window_and_ignores_random_sampling() -> 
         hot.record(r)
     assert hot.top(5) == [a, b]
     assert hot.top(1) == [a]
+
+
+def test_hot_requests_hold_one_copy_per_request_and_skip_long_prompts() -> None:
+    hot = HotRequests(window_s=60)
+    first = Recipe(kind="completion", prompt="same", temperature=0.0)
+    for _ in range(5):
+        hot.record(Recipe(kind="completion", prompt="same", temperature=0.0))
+    assert hot.top(1)[0] is not None and len(hot._interned) == 1
+    assert next(iter(hot._interned)) == first
+    hot.record(Recipe(kind="completion", prompt="x" * 10_000, temperature=0.0))
+    assert len(hot.top(5)) == 1
