@@ -160,9 +160,9 @@ async def chat_completions(body: ChatRequest, request: Request, state: StateDep)
     )
 
 
-def _refuse_bad(make: Any) -> Recipe:
+def _refuse_bad(make: Callable[[], Recipe]) -> Recipe:
     try:
-        return make()  # type: ignore[no-any-return]
+        return make()
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
 
@@ -183,7 +183,7 @@ async def _serve(
         served = await lease.__aenter__()
     except ModelUnavailable as exc:
         raise HTTPException(503, str(exc)) from None
-    released = False
+    released = handed_off = False
 
     async def release() -> None:  # once: the stream's end or this handler's, not both
         nonlocal released
@@ -212,6 +212,7 @@ async def _serve(
         if stream:
             events = await _open_stream(state, served, req, shape, cached, include_usage, release)
             state.metrics.requests.labels(route, "200").inc()
+            handed_off = True  # the stream releases the lease when it ends
             return EventStream(events, on_disconnect=state.metrics.disconnects.inc)
         if cached is None:
             try:
@@ -230,7 +231,7 @@ async def _serve(
         body["usage"] = _usage(cached.prompt_tokens, cached.completion_tokens)
         return JSONResponse(body)
     finally:
-        if not stream:
+        if not handed_off:
             await release()
 
 

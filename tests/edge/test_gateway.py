@@ -386,6 +386,11 @@ def test_bad_requests_get_openai_shaped_errors(gateway: ThreadedGateway) -> None
     for stream in (False, True):
         with pytest.raises(BadRequestError, match="max_model_len"):
             client.completions.create(model=MODEL, prompt=too_long, max_tokens=4, stream=stream)
+        with pytest.raises(NotFoundError):
+            client.completions.create(model="gpt-4", prompt="hi", stream=stream)
+    # refused requests hold no lease on the model (a version swap would wait for them)
+    assert gateway.stack is not None and gateway.stack.llm.current is not None
+    assert gateway.stack.llm.current.inflight == 0
 
 
 def test_a_new_version_drains_streams_in_flight_and_invalidates_the_cache(
