@@ -454,6 +454,13 @@ def test_api_key_health_and_no_model(checkpoint: Path) -> None:
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
         r = httpx.post(f"{url}/v1/chat/completions", json=chat, headers=auth)
         assert r.status_code == 503 and "no LLM" in r.json()["error"]["message"]
+        broken = checkpoint.parent / "broken"
+        broken.mkdir(exist_ok=True)
+        (broken / "config.json").write_text('{"model_type": "gpt2"}')
+        g.load(broken, MODEL, "0")
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["llm"]["state"] == "failed"
+        assert "gpt2" in health.json()["detail"]
         g.load(checkpoint, MODEL, "1")
         assert httpx.get(f"{url}/health").status_code == 200
         r = httpx.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": 2}, headers=auth)
