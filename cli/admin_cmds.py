@@ -89,12 +89,18 @@ def key_create(
 
 @artifact_app.command("push")
 def artifact_push(
-    path: Annotated[Path, typer.Argument(help="The file to upload.")],
+    path: Annotated[
+        Path, typer.Argument(help="The file to upload (--kind llm: a checkpoint directory).")
+    ],
     name: Annotated[str, typer.Option(help="Artifact name.")],
     version: Annotated[str, typer.Option(help="Artifact version.")],
     kind: Annotated[str, typer.Option(help="onnx, llm or file.")] = "file",
     quantize: Annotated[
-        str | None, typer.Option(help="int8: the cloud makes and keeps an INT8 version (onnx).")
+        str | None,
+        typer.Option(
+            help="int8: onnx: the cloud makes and keeps an INT8 version; "
+            "llm: int8 weight-only, made here before the upload."
+        ),
     ] = None,
     calibration: Annotated[
         Path | None, typer.Option(help=".npz of calibration inputs for static INT8 (onnx).")
@@ -106,8 +112,12 @@ def artifact_push(
     """Upload an artifact; the cloud stores it by sha256 and signs its manifest.
 
     With --quantize int8 the file is kept as VERSION-fp32 and the cloud's INT8 version becomes
-    VERSION, the one to assign.
+    VERSION, the one to assign. With --kind llm, PATH is a Hugging Face checkpoint directory,
+    packed as one tar (int8 weight-only first with --quantize int8).
     """
+    if kind == "llm":
+        _push_llm(path, name, version, quantize, url, key, as_json)
+        return
     if not path.is_file():
         raise fail(f"{path} is not a file", 2)
     if quantize not in (None, "int8"):
@@ -148,8 +158,66 @@ def artifact_push(
         )
 
 
+def _push_llm(
+    path: Path,
+    name: str,
+    version: str,
+    quantize: str | None,
+    url: str,
+    key: str | None,
+    as_json: bool,
+) -> None:
+    import tempfile
+
+    from fieldline.cli.llm_pack import pack_llm
+    from fieldline.edge.engine.loader import CheckpointError
+    from fieldline.shared.llm_artifact import LLMArtifactError
+
+    if quantize not in (None, "int8"):
+        raise fail(f"--quantize takes int8, not {quantize!r}", 2)
+    with tempfile.TemporaryDirectory(prefix="fieldline-llm-") as tmp:
+        if not as_json:
+            what = "quantizing to int8 and packing" if quantize else "packing"
+            console.print(f"{what} {path}…")
+        try:
+            packed = pack_llm(path, Path(tmp), quantize=quantize)
+        except (LLMArtifactError, CheckpointError) as exc:
+            raise fail(str(exc), 2) from exc
+        with _admin(url, key) as c:
+            manifest = _upload(
+                c,
+                packed.tar,
+                name,
+                version,
+                "llm",
+                quiet=as_json,
+                metadata=packed.metadata,
+                quantization=packed.quantization,
+            )
+    if as_json:
+        print_json(manifest)
+        return
+    console.print(
+        f"pushed {manifest['name']}@{manifest['version']} (llm, {manifest['size']} bytes, "
+        f"sha256 {manifest['sha256'][:12]}…)"
+    )
+    q = packed.metadata.get("quantization") or {}
+    if "bytes_after" in q:
+        console.print(
+            f"int8 weight-only: {q['bytes_after']} bytes of weights vs {q['bytes_before']}"
+        )
+
+
 def _upload(
-    c: AdminClient, path: Path, name: str, version: str, kind: str, *, quiet: bool
+    c: AdminClient,
+    path: Path,
+    name: str,
+    version: str,
+    kind: str,
+    *,
+    quiet: bool,
+    metadata: dict[str, Any] | None = None,
+    quantization: str | None = None,
 ) -> dict[str, Any]:
     with Progress(
         "[progress.description]{task.description}",
@@ -166,6 +234,8 @@ def _upload(
             name=name,
             version=version,
             kind=kind,
+            metadata=metadata,
+            quantization=quantization,
             on_progress=lambda n: progress.advance(task, n),
         )
 

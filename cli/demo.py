@@ -3,7 +3,9 @@
 A broker, a cloud and two edge daemons (separate processes), a simulated production line
 publishing readings and camera frames, a defect classifier trained at start, quantized to
 INT8 by the cloud and rolled out by label. Midway the tunnel is cut for a while: inspection
-goes on at the edges, their outboxes fill, and drain when the tunnel returns.
+goes on at the edges, their outboxes fill, and drain when the tunnel returns. Line a also gets
+a tiny random-weight LLM (int8): once edge-a serves it, one chat call goes through its gateway,
+and its defect verdicts get explanations.
 """
 
 from __future__ import annotations
@@ -35,13 +37,19 @@ VERDICT_TOPIC = "plant1/line-{line}/verdicts"
 
 
 def _policy(line: str, rule: dict[str, Any]) -> dict[str, Any]:
-    """Each line's edge reads its own line's sensors and camera."""
-    return {
+    """Each line's edge reads its own line's sensors and camera; line a also runs the LLM."""
+    policy = {
         "name": f"line-{line}-inspection",
         "subscriptions": [{"topic": f"plant1/line-{line}/sensor/#", "kind": "telemetry"}],
         "inspections": [rule],
         "sync_interval_s": 1.0,
     }
+    if line == "a":
+        from fieldline.cli.demo_chat import EXPLAIN, llm_policy_fields
+
+        policy |= llm_policy_fields()
+        policy["inspections"] = [{**rule, "explain_template": EXPLAIN, "explain_max_tokens": 12}]
+    return policy
 
 
 def _cloud_records(url: str) -> int:
@@ -100,6 +108,10 @@ def run_demo(duration: float = 60.0, workdir: str | None = None) -> int:
             simulator = _setup(root, url, key, broker, proxy, stack, events)
             converged = _watch(root, url, key, duration, events, proxy, stack, stop)
             simulator.stop()
+            console.print()
+            console.print("[bold]what happened[/bold]")
+            for line in events.lines:
+                console.print(line)
             console.print(
                 f"line published {simulator.published} messages, {simulator.frames} frames "
                 f"({simulator.defects_shown} defective); cloud holds {_cloud_records(url)} records"
@@ -163,6 +175,14 @@ def _setup(
             f"cloud quantized it to INT8: {q['int8_bytes']} vs {q['fp32_bytes']} bytes, "
             f"agreement {q['agreement']:.3f} on the calibration set"
         )
+        from fieldline.cli.demo_chat import LLM_NAME, LLM_VERSION, push_demo_llm
+
+        llm = push_demo_llm(admin, root)
+        admin.assign(f"{LLM_NAME}@{LLM_VERSION}", "line=a")
+        events.add(
+            f"tiny LLM {LLM_NAME}@{LLM_VERSION} (random weights, tokenizer trained just now) "
+            f"pushed as int8 ({llm['size']} bytes) and assigned to line=a"
+        )
         for line in ("a", "b"):
             rule = trained.rule(
                 name="parts",
@@ -182,6 +202,8 @@ def _setup(
             "FIELDLINE_MQTT__PROTOCOL": broker.protocol,
             "FIELDLINE_HEARTBEAT_INTERVAL_S": "1",
             "FIELDLINE_RECONNECT__MAX_S": "2",
+            "FIELDLINE_GATEWAY__PORT": "0",  # each edge's gateway on a free port
+            "FIELDLINE_LLM__KV_CACHE_BYTES": str(16 * 1024 * 1024),
         }
         for name, labels in EDGES:
             token = admin.create_token(labels)["token"]
@@ -193,6 +215,48 @@ def _setup(
     sim.start()
     events.add("production line started: readings and camera frames, ~10% defective parts")
     return sim
+
+
+class _LLMWatch:
+    """Waits for edge-a to serve its LLM, then shows one chat call and its first explanation."""
+
+    def __init__(self, edge_dir: Path) -> None:
+        self.edge_dir = edge_dir
+        self.chatted = False
+        self.explained = False
+
+    def step(self, events: DemoEvents) -> None:
+        from fieldline.edge.status import StatusError, read_status
+
+        if self.chatted and self.explained:
+            return
+        try:
+            health = read_status(self.edge_dir).health
+        except StatusError:
+            return
+        llm = health.get("llm") or {}
+        if not self.chatted and llm.get("state") == "serving":
+            self.chatted = True
+            cfg = llm.get("engine_config") or {}
+            events.add(
+                f"{self.edge_dir.name} serves {llm.get('model')}@{llm.get('version')}, autotuned: "
+                f"{cfg.get('num_blocks')} KV blocks, max_num_seqs {cfg.get('max_num_seqs')}, "
+                f"chunk {cfg.get('max_prefill_chunk')}"
+            )
+            try:
+                from fieldline.cli.demo_chat import chat_once
+
+                for line in chat_once(self.edge_dir):
+                    events.add(line)
+            except (httpx.HTTPError, OSError, KeyError, ValueError) as exc:
+                events.add(f"[red]chat through the gateway failed: {exc}[/red]")
+        published = int((health.get("gateway") or {}).get("explanations_published", 0))
+        if not self.explained and published:
+            self.explained = True
+            events.add(
+                f"{self.edge_dir.name} explains defect verdicts with the LLM on "
+                "plant1/line-a/verdicts/explanations (after each verdict, never before it)"
+            )
 
 
 def _watch(
@@ -208,6 +272,7 @@ def _watch(
     """The live view until the duration ends; cuts and restores the tunnel midway."""
     t0 = time.monotonic()
     cut = restored = False
+    llm = _LLMWatch(root / EDGES[0][0])
     history: dict[str, list[tuple[float, int]]] = {name: [] for name, _ in EDGES}
     with AdminClient(url, key) as admin, Live(console=console, refresh_per_second=4) as live:
         while not stop["now"]:
@@ -226,6 +291,7 @@ def _watch(
                 proxy.restore()
                 restored = True
                 events.add("[green]tunnel restored[/green]: outboxes drain into the cloud")
+            llm.step(events)
             samples = {name: _sample(root / name) for name, _ in EDGES}
             now = time.monotonic()
             for name, s in samples.items():

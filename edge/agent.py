@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from fieldline.edge.dataplane import DataPlane
 from fieldline.edge.enroll import EnrollmentError, enroll
+from fieldline.edge.gateway_stack import GatewayStack, choose_llm
 from fieldline.edge.installer import ArtifactInstaller
 from fieldline.edge.reconciler import Reconciler
 from fieldline.edge.store import EdgeStore
@@ -26,7 +27,7 @@ from fieldline.edge.tunnel import TunnelClient
 from fieldline.shared.config import EdgeSettings
 from fieldline.shared.logs import configure_logging
 from fieldline.shared.proto import tunnel_pb2 as pb
-from fieldline.shared.schemas import DesiredState, NodeInfo, ObservedState
+from fieldline.shared.schemas import ArtifactKind, DesiredState, NodeInfo, ObservedState
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +51,8 @@ class EdgeAgent:
         self.reconciler: Reconciler | None = None
         self.scheduler: AsyncIOScheduler | None = None
         self.dataplane: DataPlane | None = None
+        self.gateway: GatewayStack | None = None
+        self._llm_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._cleanup: list[Callable[[], Awaitable[None]]] = []
         # Data-plane components add themselves here; each returns its part of the health report.
@@ -93,13 +96,30 @@ class EdgeAgent:
         self._cleanup.append(self._stop_dataplane)
         tunnel.on_records_ack = dataplane.on_records_ack
         self.health_sources["dataplane"] = dataplane.health
+        self.gateway = gateway = GatewayStack(
+            s.gateway,
+            s.llm,
+            lambda: dataplane.policy,
+            data_dir=s.data_dir,
+            inspect=lambda rule, payload, publish: dataplane.inspection.submit(
+                rule, payload, publish=publish
+            ),
+            publish=dataplane.publish_event,
+            store=dataplane.store_event,
+            extra_registries=[dataplane.registry],
+        )
+        await gateway.start()
+        self._cleanup.append(self._stop_gateway)
+        dataplane.on_verdict = gateway.explainer.on_verdict
+        self.health_sources["llm"] = gateway.llm.health
+        self.health_sources["gateway"] = gateway.health
         self.reconciler = reconciler = Reconciler(
             store,
             installer,
             tunnel.fetch,
             self._report,
             health=self.health,
-            on_applied=dataplane.apply,
+            on_applied=self._on_applied,
         )
         # The last persisted desired state applies at once, with or without the cloud.
         reconciler.wake()
@@ -124,6 +144,14 @@ class EdgeAgent:
             max_instances=1,
             coalesce=True,
         )
+        self.scheduler.add_job(
+            gateway.prefetcher.run_once,
+            "interval",
+            seconds=s.gateway.prefetch_interval_s,
+            id="prefetch",
+            max_instances=1,
+            coalesce=True,
+        )
         self.scheduler.start()
         self._cleanup.append(self._stop_scheduler)
         log.info("edge agent started", node=credential.node_id, data=str(s.data_dir))
@@ -145,6 +173,25 @@ class EdgeAgent:
         if self.dataplane is not None:
             # Blocking joins (writer flush, inspection drain): off the loop.
             await asyncio.to_thread(self.dataplane.stop)
+
+    def _on_applied(self, desired: DesiredState) -> None:
+        """After each reconcile: the data plane takes the policy, the gateway the active LLM
+        (loading it takes seconds, so it runs as a task; the runtime serializes loads)."""
+        assert self.dataplane is not None and self.gateway is not None
+        self.dataplane.apply(desired)
+        choice = choose_llm(
+            self.dataplane.policy, self.dataplane.installed_models(ArtifactKind.llm)
+        )
+        task = asyncio.get_running_loop().create_task(self.gateway.apply(choice))
+        self._llm_tasks.add(task)
+        task.add_done_callback(self._llm_tasks.discard)
+
+    async def _stop_gateway(self) -> None:
+        for task in list(self._llm_tasks):
+            task.cancel()
+        await asyncio.gather(*self._llm_tasks, return_exceptions=True)
+        if self.gateway is not None:
+            await self.gateway.stop()
 
     async def _stop_scheduler(self) -> None:
         if self.scheduler is not None:

@@ -21,7 +21,7 @@ from fieldline.edge.outbox import NewRecord, Outbox, OutboxFull
 from fieldline.edge.store import EdgeStore
 from fieldline.edge.sync import OutboxSync
 from fieldline.shared.config import EdgeSettings
-from fieldline.shared.policy import Policy
+from fieldline.shared.policy import InspectionRule, Policy
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.schemas import ArtifactKind, DesiredState
 
@@ -60,6 +60,9 @@ class DataPlane:
         self._last_sync = 0.0
         self.verdicts_published = 0
         self.defects = 0
+        # Called on inspection worker threads after each verdict is stored (the alert
+        # explainer hooks in here); it must return at once and never raise.
+        self.on_verdict: Callable[[Verdict, InspectionRule | None], None] | None = None
 
     def start(self) -> None:
         self.inspection.start()
@@ -87,12 +90,14 @@ class DataPlane:
             self.ingestor.apply_policy(self.policy)
         self.inspection.apply_policy(self.policy, self.installed_models())
 
-    def installed_models(self) -> dict[str, tuple[str, Path]]:
-        """Active ONNX artifacts: name -> (version, path)."""
+    def installed_models(
+        self, kind: ArtifactKind = ArtifactKind.onnx
+    ) -> dict[str, tuple[str, Path]]:
+        """Active artifacts of `kind` (ONNX by default): name -> (version, path)."""
         models = {}
         for name, version in self.store.active().items():
             row = self.store.artifact(name, version)
-            if row is not None and row.kind == ArtifactKind.onnx.value and row.path:
+            if row is not None and row.kind == kind.value and row.path:
                 models[name] = (version, Path(row.path))
         return models
 
@@ -113,6 +118,20 @@ class DataPlane:
             log.error("verdict could not be stored: outbox full", rule=verdict.rule)
         if verdict.defect:
             self.defects += 1
+        if self.on_verdict is not None:
+            try:
+                self.on_verdict(verdict, rule)
+            except Exception:  # a hook must never cost a verdict
+                log.exception("verdict hook failed", rule=verdict.rule)
+
+    def publish_event(self, topic: str, payload: bytes) -> None:
+        """Publish something other than a verdict (an alert explanation) with QoS 1."""
+        if self.ingestor is not None:
+            self.ingestor.publish(topic, payload)
+
+    def store_event(self, topic: str, payload: bytes, ts_ms: int) -> None:
+        """Keep an event (kind "event", never dropped) in the outbox for sync to the cloud."""
+        self.outbox.append([NewRecord("event", topic, ts_ms, payload)])
 
     def _publish(self, topic: str, payload: bytes) -> None:
         if self.ingestor is None:

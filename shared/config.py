@@ -145,6 +145,36 @@ class MqttSettings(BaseModel):
     max_payload_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
 
+class LLMSettings(BaseModel):
+    """How the edge runs its LLM artifact in the engine (edge/llm_runtime.py)."""
+
+    device: str = "auto"  # "auto": cuda when torch sees a GPU, else cpu
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on cuda
+    # KV cache budget in bytes (never a share of GPU memory: Jetsons share it with the CPU).
+    kv_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    slo_itl_p95_ms: float | None = Field(default=None, gt=0)
+    autotune: bool = True  # profile the device at load; off: the engine defaults
+    max_model_len: int | None = Field(default=None, ge=2)
+    # Requests of the old version may finish for this long after a swap; the rest are aborted.
+    drain_timeout_s: float = Field(default=120.0, ge=0)
+
+
+class GatewaySettings(BaseModel):
+    """The local HTTP gateway (edge/gateway.py): OpenAI-compatible API, /v1/inspect, metrics."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8090, ge=0, le=65535)  # 0: any free port (see DATA/gateway.json)
+    api_key: str | None = None  # set: /v1/* needs "Authorization: Bearer <api_key>"
+    cache_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    cache_ttl_s: float = Field(default=3600.0, gt=0)
+    prefetch_interval_s: float = Field(default=60.0, gt=0)
+    hot_window_s: float = Field(default=3600.0, gt=0)  # "most requested" looks back this far
+    hot_top_n: int = Field(default=16, ge=0, le=1024)
+    default_max_tokens: int = Field(default=256, ge=1)  # chat requests without max_tokens
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+
 class EdgeSettings(FieldlineSettings):
     """The edge daemon: `fieldline edge run`."""
 
@@ -158,3 +188,5 @@ class EdgeSettings(FieldlineSettings):
     log_level: str = "info"
     # No broker configured: no ingestion (the node still installs and serves its artifacts).
     mqtt: MqttSettings | None = None
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)

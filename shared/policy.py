@@ -5,6 +5,7 @@ Delivered inside DesiredState.policy; read from YAML or JSON by `fieldline polic
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_TOPIC_LEN = 512
+MAX_PROMPT_CHARS = 16_384
+# What an inspection rule's explain_template may name (filled from the verdict).
+EXPLAIN_FIELDS = frozenset({"label", "score", "topic", "rule", "model", "model_version"})
 
 
 class PolicyError(ValueError):
@@ -50,6 +54,54 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
         if f != "+" and f != t_levels[i]:
             return False
     return len(f_levels) == len(t_levels)
+
+
+def template_fields(template: str) -> list[str]:
+    """The {placeholder} names of a prompt template; ValueError when it does not parse."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"bad prompt template {template[:60]!r}: {exc}") from None
+    for name in names:
+        if not name.isidentifier():
+            raise ValueError(f"bad placeholder {{{name}}} in {template[:60]!r}: use {{name}}")
+    return names
+
+
+def template_prefix(template: str) -> str:
+    """The fixed text of a template before its first placeholder, as it appears rendered."""
+    parts: list[str] = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        parts.append(literal)  # already unescaped ("{{" -> "{")
+        if name is not None:
+            break
+    return "".join(parts)
+
+
+def _check_explain(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"explain_template is longer than {MAX_PROMPT_CHARS} characters")
+    unknown = set(template_fields(value)) - EXPLAIN_FIELDS
+    if unknown:
+        raise ValueError(
+            f"explain_template names {sorted(unknown)}; it may use {sorted(EXPLAIN_FIELDS)}"
+        )
+    return value
+
+
+def _check_prompts(values: list[str]) -> list[str]:
+    for value in values:
+        if not value or len(value) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompts must have 1 to {MAX_PROMPT_CHARS} characters")
+    return values
+
+
+def _check_templates(values: list[str]) -> list[str]:
+    for value in _check_prompts(values):
+        template_fields(value)
+    return values
 
 
 class Subscription(BaseModel):
@@ -103,12 +155,25 @@ class InspectionRule(BaseModel):
     result_topic: str
     max_batch: int = Field(default=8, ge=1, le=256)
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
-    # Optional: prompt template (with {label}, {score}, {topic}) for an LLM explanation.
+    # Optional: prompt template (with {label}, {score}, {topic}, {rule}, {model},
+    # {model_version}) for an LLM explanation of defect verdicts, published on explain_topic
+    # (default: RESULT_TOPIC/explanations).
     explain_template: str | None = None
     explain_topic: str | None = None
+    explain_max_tokens: int = Field(default=48, ge=1, le=1024)
 
     _topic = field_validator("topic")(_check_filter)
     _result = field_validator("result_topic")(_check_topic)
+    _explain = field_validator("explain_template")(_check_explain)
+
+    @field_validator("explain_topic")
+    @classmethod
+    def _explain_topic(cls, value: str | None) -> str | None:
+        return None if value is None else _check_topic(value)
+
+    @property
+    def explanation_topic(self) -> str:
+        return self.explain_topic or f"{self.result_topic}/explanations"
 
 
 class Retention(BaseModel):
@@ -133,8 +198,15 @@ class Policy(BaseModel):
     # Prompts the gateway's cache warms, and templates whose KV prefix it keeps warm.
     prefetch_prompts: list[str] = Field(default_factory=list, max_length=256)
     prompt_templates: list[str] = Field(default_factory=list, max_length=64)
+    # max_tokens of the warmed prompts (None: the gateway's default for that endpoint).
+    prefetch_max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    # The LLM artifact the gateway serves; None: the only active artifact of kind llm.
+    llm_model: str | None = Field(default=None, max_length=128)
     # The edge may return to the previous model version by itself when one fails.
     local_rollback: bool = True
+
+    _prompts = field_validator("prefetch_prompts")(_check_prompts)
+    _templates = field_validator("prompt_templates")(_check_templates)
 
 
 def load_policy(path: Path) -> Policy:

@@ -170,6 +170,19 @@ class AsyncLLMEngine:
 
         return await asyncio.to_thread(read)
 
+    async def cached_prefix_tokens(self, prompt: str | list[int]) -> int:
+        """LLMEngine.cached_prefix_tokens, read between steps."""
+
+        def read() -> int:
+            with self._lock:
+                return self.engine.cached_prefix_tokens(prompt)
+
+        return await asyncio.to_thread(read)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._stopping
+
     # -- the loop --------------------------------------------------------------------------
 
     async def _run(self) -> None:

@@ -166,6 +166,12 @@ class LLMEngine:
     def metrics_snapshot(self) -> MetricsSnapshot:
         return self.metrics.snapshot(self.scheduler.stats())
 
+    def cached_prefix_tokens(self, prompt: str | list[int]) -> int:
+        """Leading prompt tokens whose KV is in the prefix cache now (counts nothing)."""
+        ids = self.encode(prompt)
+        probe = Sequence(-1, ids, SamplingParams(max_tokens=1))
+        return len(self.scheduler.block_manager.match_prefix(probe)) * self.config.block_size
+
     # -- text ------------------------------------------------------------------------------
 
     def encode(self, prompt: str | list[int]) -> list[int]:

@@ -21,6 +21,8 @@ EDGE_ENV = {
     "FIELDLINE_RECONNECT__INITIAL_S": "0.2",
     "FIELDLINE_RECONNECT__MAX_S": "1.0",
     "FIELDLINE_HEARTBEAT_INTERVAL_S": "1.0",
+    # Each edge's gateway on a free port (DATA/gateway.json says which), so edges never collide.
+    "FIELDLINE_GATEWAY__PORT": "0",
 }
 CLOUD_ENV = {"FIELDLINE_OFFLINE_AFTER_S": "5"}
 

@@ -1,0 +1,87 @@
+"""LLM artifacts: deterministic packing, a safe unpack, and refusals with clear messages."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from fieldline.shared.llm_artifact import LLMArtifactError, pack_checkpoint, unpack_checkpoint
+
+
+def checkpoint(d: Path) -> Path:
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "model.safetensors").write_bytes(b"\x00" * 1000)
+    (d / "tokenizer.json").write_text("{}")
+    (d / ".DS_Store").write_text("junk")  # hidden: left out
+    return d
+
+
+def test_same_directory_packs_to_same_bytes_and_round_trips(tmp_path: Path) -> None:
+    src = checkpoint(tmp_path / "ck")
+    seen: list[int] = []
+    names = pack_checkpoint(src, tmp_path / "a.tar", on_progress=seen.append)
+    assert names == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sum(seen) == 1000 + len('{"model_type": "llama"}') + 2
+    (src / "tokenizer.json").touch()  # a newer mtime must not change the artifact
+    pack_checkpoint(src, tmp_path / "b.tar")
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    out = unpack_checkpoint(tmp_path / "a.tar", tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert (out / "model.safetensors").read_bytes() == b"\x00" * 1000
+    # unpacking again keeps the complete directory
+    assert unpack_checkpoint(tmp_path / "a.tar", tmp_path / "out") == out
+
+
+def test_directories_that_are_not_checkpoints_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(LLMArtifactError, match="not a directory"):
+        pack_checkpoint(tmp_path / "missing", tmp_path / "x.tar")
+    d = tmp_path / "noweights"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    with pytest.raises(LLMArtifactError, match="safetensors"):
+        pack_checkpoint(d, tmp_path / "x.tar")
+    e = tmp_path / "noconfig"
+    e.mkdir()
+    (e / "model.safetensors").write_bytes(b"1")
+    with pytest.raises(LLMArtifactError, match=r"config\.json"):
+        pack_checkpoint(e, tmp_path / "x.tar")
+
+
+def _tar_with(path: Path, members: list[tarfile.TarInfo]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for info in members:
+            data = b"x" * info.size if info.isfile() else None
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        "../evil.safetensors",
+        "/etc/passwd",
+        "sub/config.json",
+    ],
+)
+def test_unsafe_member_names_are_refused_and_leave_nothing(tmp_path: Path, member: str) -> None:
+    info = tarfile.TarInfo(member)
+    info.size = 3
+    bad = _tar_with(tmp_path / "bad.tar", [info])
+    with pytest.raises(LLMArtifactError, match="plain top-level file"):
+        unpack_checkpoint(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.unpacking").exists()
+    assert not (tmp_path.parent / "evil.safetensors").exists()
+
+
+def test_links_and_garbage_are_refused(tmp_path: Path) -> None:
+    link = tarfile.TarInfo("config.json")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with pytest.raises(LLMArtifactError, match="plain top-level file"):
+        unpack_checkpoint(_tar_with(tmp_path / "l.tar", [link]), tmp_path / "out")
+    (tmp_path / "g.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(LLMArtifactError, match="not a readable tar"):
+        unpack_checkpoint(tmp_path / "g.tar", tmp_path / "out2")
