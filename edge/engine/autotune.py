@@ -20,7 +20,11 @@ log = structlog.get_logger(__name__)
 
 BATCH_SIZES = (1, 4, 16, 64)  # decode batch sizes profiled (capped by the KV cache)
 PROFILE_CONTEXT = 64  # prompt tokens per profiled sequence
-DECODE_STEPS = 3  # timed decode steps per batch size (after one warm-up step)
+DECODE_STEPS = 5  # timed decode steps per batch size (after one warm-up step); the fastest counts
+# Never fewer concurrent sequences than this (when the cache holds them): a decode step of 4 rows
+# costs about what one of 1 row does on any device we target (the weights are read once per step),
+# and a noisy profile on a busy machine once chose 1, which serializes every request.
+MIN_MAX_SEQS = 4
 PREFILL_TOKENS = 256  # prompt tokens of the timed prefill step
 # without an SLO: stop growing the batch once a 4x bigger batch gains less than this in tokens/s
 MIN_BATCH_GAIN = 1.15
@@ -65,7 +69,8 @@ def profile(runner: ModelRunner) -> Profile:
             tokens = runner.execute([ScheduledSeq(s, 1, True) for s in seqs])
             if step:
                 times.append(time.perf_counter() - t0)
-        decode[b] = sorted(times)[len(times) // 2]
+        # the fastest step: other processes only ever add time, so the minimum is the device's own
+        decode[b] = min(times)
     if not decode:
         raise ValueError(
             f"kv cache of {runner.num_blocks} blocks cannot hold one {PROFILE_CONTEXT}-token sequence"
@@ -99,6 +104,7 @@ def choose(
                 break
             max_seqs = b
         budget = DEFAULT_TOKEN_BUDGET
+        max_seqs = max(max_seqs, min(MIN_MAX_SEQS, sizes[-1]))
     # a sequence needs at least one block; more seqs than blocks only causes preemption churn
     max_seqs = max(1, min(max_seqs, num_blocks))
     budget = max(max_seqs + 16, min(budget, MAX_TOKEN_BUDGET))

@@ -34,3 +34,16 @@ def test_autotune_config_round_trips_and_runs(model: Path, slo_ms: float | None)
         [[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     )
     assert len(out[0].output_token_ids) == 4
+
+
+def test_choose_never_serializes_on_a_noisy_profile() -> None:
+    """A profile where batch 4 looked 4x slower than batch 1 (seen on a busy machine) still
+    admits several sequences; an SLO that only batch 1 meets keeps batch 1."""
+    from fieldline.edge.engine.autotune import MIN_MAX_SEQS, Profile, choose
+
+    noisy = Profile({1: 0.048, 4: 0.188, 16: 0.2}, prefill_token_s=0.001)
+    base = EngineConfig(model="unused")
+    assert choose(noisy, base, num_blocks=1000, slo_itl_p95_ms=None).max_num_seqs == MIN_MAX_SEQS
+    assert choose(noisy, base, num_blocks=1000, slo_itl_p95_ms=50.0).max_num_seqs == 1
+    clean = Profile({1: 0.020, 4: 0.021, 16: 0.025, 64: 0.05}, prefill_token_s=0.001)
+    assert choose(clean, base, num_blocks=1000, slo_itl_p95_ms=None).max_num_seqs == 64
