@@ -98,6 +98,7 @@ class CloudServer:
                 self._http_task.result()  # raises what stopped it
             await asyncio.sleep(0.01)
 
+        ctx.rollouts.start()  # resumes the rollouts a previous run left running
         (s.data_dir / PORTS_FILE).write_text(
             json.dumps({"http": self.http_port, "grpc": self.grpc_port})
         )
@@ -109,6 +110,8 @@ class CloudServer:
         )
 
     async def stop(self) -> None:
+        if self.ctx is not None:
+            await self.ctx.rollouts.stop()
         if self._http is not None:
             self._http.should_exit = True
         if self._http_task is not None:

@@ -135,6 +135,9 @@ class Policy(BaseModel):
     prompt_templates: list[str] = Field(default_factory=list, max_length=64)
     # The edge may return to the previous model version by itself when one fails.
     local_rollback: bool = True
+    # "Keeps failing": at least this many requests in the health window, this share of them errors.
+    local_rollback_min_requests: int = Field(default=20, ge=1)
+    local_rollback_error_rate: float = Field(default=0.5, gt=0, le=1)
 
 
 def load_policy(path: Path) -> Policy:

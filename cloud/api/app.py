@@ -16,6 +16,7 @@ from fieldline.cloud.api.routes import (
     policies,
     quantize,
     records,
+    rollouts,
     tokens,
 )
 from fieldline.cloud.context import CloudContext
@@ -39,6 +40,7 @@ def create_app(ctx: CloudContext) -> FastAPI:
         assignments,
         policies,
         records,
+        rollouts,
     ):
         app.include_router(module.router)
 
