@@ -11,10 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 INPUT_SHAPE = (3, 8, 8)  # one sample, without the batch axis
 
 
-def tiny_classifier(path: Path, seed: int = 0, classes: int = 2) -> Path:
-    """[N, 3, 8, 8] float -> Flatten -> Gemm -> [N, classes] logits; `seed` varies the weights."""
+def tiny_classifier(path: Path, seed: int = 0, classes: int = 2, side: int = 8) -> Path:
+    """[N, 3, side, side] float -> Flatten -> Gemm -> [N, classes]; `seed` varies the weights."""
     rng = np.random.default_rng(seed)
-    features = int(np.prod(INPUT_SHAPE))
+    shape = (3, side, side)
+    features = int(np.prod(shape))
     w = numpy_helper.from_array(rng.standard_normal((features, classes)).astype(np.float32), "w")
     b = numpy_helper.from_array(np.zeros(classes, np.float32), "b")
     graph = helper.make_graph(
@@ -23,7 +24,7 @@ def tiny_classifier(path: Path, seed: int = 0, classes: int = 2) -> Path:
             helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
         ],
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *INPUT_SHAPE])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *shape])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
         initializer=[w, b],
     )
