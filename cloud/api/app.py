@@ -10,6 +10,8 @@ from fastapi import FastAPI, Request, Response
 from fieldline.cloud.api.routes import (
     artifacts,
     assignments,
+    dashboard,
+    fleet,
     health,
     keys,
     nodes,
@@ -41,6 +43,8 @@ def create_app(ctx: CloudContext) -> FastAPI:
         policies,
         records,
         rollouts,
+        fleet,
+        dashboard,
     ):
         app.include_router(module.router)
 

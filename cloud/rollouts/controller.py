@@ -120,7 +120,7 @@ class RolloutController:
                 if selector_matches(spec.selector, n.labels)
             ]
             if not nodes:
-                raise RolloutRefused(f"selector {spec.selector} matches no node", 422)
+                raise RolloutRefused(f"selector {_selector_text(spec)} matches no node", 422)
             # Online nodes first, so the canary wave does not start by waiting for a node.
             nodes.sort(key=lambda n: (not self.sessions.connected(n.id), n.created, n.id))
             plan = plan_waves(spec.waves, len(nodes))
@@ -497,13 +497,17 @@ class RolloutController:
             self.db,
             rollout_id=r.id,
             state="succeeded",
-            reason=f"{spec.what} runs on all {len(members)} node(s); assigned to {spec.selector}",
+            reason=f"{spec.what} runs on all {len(members)} node(s); assigned to {_selector_text(spec)}",
             event=(
                 "succeeded",
                 f"every wave passed its gate; {spec.what} assigned to the selector",
             ),
         )
         log.info("rollout succeeded", rollout=r.id, nodes=len(members))
+
+
+def _selector_text(spec: RolloutSpec) -> str:
+    return ",".join(f"{k}={v}" for k, v in spec.selector.items()) or "(every node)"
 
 
 def _unique(items: list[str]) -> Iterator[str]:

@@ -132,7 +132,6 @@ def frames_edge(fleet: Fleet, tmp_path: Path, mosquitto: MosquittoBroker) -> Ite
         frames.close()
 
 
-@pytest.mark.slow
 def test_a_model_that_fails_its_requests_breaks_the_error_gate(
     fleet: Fleet, tmp_path: Path, frames_edge: str
 ) -> None:
