@@ -57,7 +57,7 @@ demo: $(STAMP) mosquitto
 	$(BIN)/fieldline demo $(ARGS)
 
 bench: $(STAMP)
-	@for b in bench/*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
 
 proto: $(STAMP)
 	$(BIN)/python -m fieldline.shared.proto.codegen

@@ -1,4 +1,4 @@
-"""Fleet scale: N lightweight edge clients (bench/fleet_client.py, several processes, one gRPC
+"""Fleet scale: N lightweight edge clients (bench/_fleet_client.py, several processes, one gRPC
 connection per node) against one real `fieldline cloud serve` process.
 
 Prints JSON lines (see DESIGN.md, Benchmark output):
@@ -33,7 +33,7 @@ import httpx
 from fieldline.cli.admin_client import AdminClient
 from fieldline.cli.processes import ProcessStack, start_cloud
 
-CLIENT = Path(__file__).resolve().with_name("fleet_client.py")
+CLIENT = Path(__file__).resolve().with_name("_fleet_client.py")
 CONNECT_TIMEOUT_S = 600.0
 CONVERGE_TIMEOUT_S = 600.0
 WAVES = "1,10%,25%,50%,100%"

@@ -236,7 +236,7 @@ class RolloutController:
             )
             return
         if r.state == "pending":
-            self._start_wave(r.id, spec, 0, "started", "controller")
+            self._start_wave(r.id, spec, 0, "", "controller")
             return
         if r.state != "running" or r.wave_started_at is None:
             return
@@ -285,7 +285,11 @@ class RolloutController:
             wave=wave,
             wave_started_at=utcnow(),
             soak_started_at=None,
-            event=("running", f"{why}: wave {wave + 1}/{total} ({len(ids)} node(s)) started"),
+            event=(
+                "running",
+                f"wave {wave + 1}/{total} ({len(ids)} node(s)) started"
+                + (f" ({why})" if why else ""),
+            ),
             actor=actor,
         )
         log.info("rollout wave started", rollout=rollout_id, wave=wave + 1, nodes=len(ids))

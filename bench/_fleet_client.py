@@ -2,7 +2,7 @@
 channel (its own TCP connection), enrollment, control stream, heartbeats with model health,
 signed-manifest checks and real artifact downloads. Run by bench/fleet.py, one process per share.
 
-    python bench/fleet_client.py --cloud HOST:PORT --tokens FILE --out FILE [--heartbeat-s 5]
+    python bench/_fleet_client.py --cloud HOST:PORT --tokens FILE --out FILE [--heartbeat-s 5]
 
 Prints one JSON line {"ready": n} on stdout when its nodes are connected; on SIGTERM it writes
 its samples (heartbeat round trips, apply times) to --out and exits.
