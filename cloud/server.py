@@ -99,9 +99,10 @@ class CloudServer:
             await asyncio.sleep(0.01)
 
         ctx.rollouts.start()  # resumes the rollouts a previous run left running
-        (s.data_dir / PORTS_FILE).write_text(
-            json.dumps({"http": self.http_port, "grpc": self.grpc_port})
-        )
+        # Written whole then renamed: a reader polling for the file never sees it half-written.
+        ports_tmp = s.data_dir / f".{PORTS_FILE}.tmp"
+        ports_tmp.write_text(json.dumps({"http": self.http_port, "grpc": self.grpc_port}))
+        os.replace(ports_tmp, s.data_dir / PORTS_FILE)
         log.info(
             "cloud serving",
             http=f"{s.http_host}:{self.http_port}",
