@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: demo test test-all lint format bench proto venv mosquitto clean
+.PHONY: demo test test-all lint format bench proto venv mosquitto chromium clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,17 @@ mosquitto:
 		echo "(make demo falls back to an embedded broker; the MQTT tests need mosquitto)" >&2; \
 	fi
 
+# The dashboard test drives Debian's chromium through chromedriver (never a downloaded browser).
+chromium:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "chromium/chromedriver are not installed and this is not root: run 'sudo apt-get install chromium chromium-driver'" >&2; \
+		echo "(the dashboard test needs them)" >&2; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -36,17 +47,17 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint mosquitto
+test: lint mosquitto chromium
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-all: lint mosquitto
+test-all: lint mosquitto chromium
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP) mosquitto
 	$(BIN)/fieldline demo $(ARGS)
 
 bench: $(STAMP)
-	@for b in bench/*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
+	@for b in bench/[!_]*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
 
 proto: $(STAMP)
 	$(BIN)/python -m fieldline.shared.proto.codegen

@@ -137,6 +137,9 @@ class AdminClient:
             "POST", "/v1/assignments", json={"artifact": artifact, "selector": selector}
         )
 
+    def list_assignments(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/assignments")  # type: ignore[no-any-return]
+
     # policies and records
     def apply_policy(self, policy: dict[str, Any], selector: str) -> dict[str, Any]:
         return self._request(  # type: ignore[no-any-return]
@@ -149,3 +152,20 @@ class AdminClient:
 
     def healthz(self) -> dict[str, Any]:
         return self._request("GET", "/healthz")  # type: ignore[no-any-return]
+
+    # rollouts
+    def create_rollout(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", "/v1/rollouts", json=spec)  # type: ignore[no-any-return]
+
+    def list_rollouts(self, state: str | None = None) -> list[dict[str, Any]]:
+        params = {"state": state} if state else {}
+        return self._request("GET", "/v1/rollouts", params=params)  # type: ignore[no-any-return]
+
+    def get_rollout(self, rollout_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/rollouts/{rollout_id}")  # type: ignore[no-any-return]
+
+    def rollout_action(self, rollout_id: str, action: str, reason: str = "") -> dict[str, Any]:
+        """action: pause, resume or abort."""
+        return self._request(  # type: ignore[no-any-return]
+            "POST", f"/v1/rollouts/{rollout_id}/{action}", json={"reason": reason}
+        )

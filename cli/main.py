@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from fieldline.cli import admin_cmds, daemon_cmds, engine_cmds
+from fieldline.cli import admin_cmds, daemon_cmds, engine_cmds, rollout_cmds
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -25,6 +25,7 @@ app.add_typer(admin_cmds.policy_app, name="policy")
 app.command("assign")(admin_cmds.assign)
 app.add_typer(engine_cmds.engine_app, name="engine")
 app.command("records")(admin_cmds.records)
+app.add_typer(rollout_cmds.rollout_app, name="rollout")
 
 
 @app.command("demo")

@@ -12,6 +12,7 @@ from fieldline.cloud.blobs import BlobStore
 from fieldline.cloud.desired import DesiredStateService
 from fieldline.cloud.metrics import CloudMetrics
 from fieldline.cloud.records import RecordIngestor
+from fieldline.cloud.rollouts.controller import RolloutController
 from fieldline.cloud.sessions import SessionRegistry
 from fieldline.cloud.store import auth as auth_store
 from fieldline.cloud.store.db import Database
@@ -31,6 +32,7 @@ class CloudContext:
     sessions: SessionRegistry
     desired: DesiredStateService
     records: RecordIngestor
+    rollouts: RolloutController
     # The admin key's secret when this start created it (printed once), else None.
     new_admin_key: str | None = None
 
@@ -50,6 +52,7 @@ def open_context(settings: CloudSettings) -> CloudContext:
     db = Database(data / "cloud.db")
     metrics = CloudMetrics()
     sessions = SessionRegistry()
+    desired = DesiredStateService(db, sessions, metrics)
     ctx = CloudContext(
         settings=settings,
         db=db,
@@ -57,8 +60,9 @@ def open_context(settings: CloudSettings) -> CloudContext:
         signing_key=load_or_create_key(data / "signing.key"),
         metrics=metrics,
         sessions=sessions,
-        desired=DesiredStateService(db, sessions, metrics),
+        desired=desired,
         records=RecordIngestor(db, metrics),
+        rollouts=RolloutController(db, desired, sessions, tick_s=settings.rollout_tick_s),
     )
     if auth_store.count_api_keys(db) == 0:
         _, secret = auth_store.create_api_key(db, name="admin", role=auth_store.Role.admin)

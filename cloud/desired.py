@@ -1,4 +1,5 @@
-"""Desired state per node: derived from the assignments and policies whose selectors match its labels.
+"""Desired state per node: derived from the assignments and policies whose selectors match its labels,
+overridden by the pins of a running rollout.
 
 A node's generation grows by one whenever what it should run changes; connected nodes get
 the new state pushed at once.
@@ -16,6 +17,7 @@ from fieldline.cloud.sessions import SessionRegistry
 from fieldline.cloud.store import artifacts as artifact_store
 from fieldline.cloud.store import nodes as node_store
 from fieldline.cloud.store import policies as policy_store
+from fieldline.cloud.store import rollouts as rollout_store
 from fieldline.cloud.store.db import Database
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.schemas import DesiredState, SignedManifest, selector_matches
@@ -29,23 +31,30 @@ class DesiredStateService:
         self.sessions = sessions
         self.metrics = metrics
 
-    def compute(self, labels: dict[str, str]) -> tuple[list[SignedManifest], dict[str, Any] | None]:
-        """What a node with these labels should run: later assignments win per artifact name."""
+    def compute(
+        self, labels: dict[str, str], node_id: str | None = None
+    ) -> tuple[list[SignedManifest], dict[str, Any] | None]:
+        """What a node with these labels should run: later assignments win per artifact name,
+        and a running rollout's pins on this node win over both."""
         chosen: dict[str, str] = {}
         for a in artifact_store.list_assignments(self.db):
             if selector_matches(a.selector, labels):
                 chosen[a.artifact_name] = a.artifact_version
+        pinned_policy = None
+        if node_id is not None:
+            pinned, pinned_policy = rollout_store.pins_for(self.db, node_id=node_id)
+            chosen.update(pinned)
         manifests = [
             artifact_store.get_artifact(self.db, name=name, version=version)
             for name, version in sorted(chosen.items())
         ]
-        policy = policy_store.policy_for(self.db, labels=labels)
+        policy = pinned_policy or policy_store.policy_for(self.db, labels=labels)
         return manifests, policy
 
     def refresh(self, node_id: str) -> DesiredState:
         """Recompute one node's desired state; bump and push its generation if it changed."""
         node = node_store.get_node(self.db, node_id=node_id)
-        manifests, policy = self.compute(node.labels)
+        manifests, policy = self.compute(node.labels, node_id)
         if node.desired is not None:
             current = DesiredState.model_validate_json(node.desired)
             if current.artifacts == manifests and current.policy == policy:

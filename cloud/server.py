@@ -98,9 +98,11 @@ class CloudServer:
                 self._http_task.result()  # raises what stopped it
             await asyncio.sleep(0.01)
 
-        (s.data_dir / PORTS_FILE).write_text(
-            json.dumps({"http": self.http_port, "grpc": self.grpc_port})
-        )
+        ctx.rollouts.start()  # resumes the rollouts a previous run left running
+        # Written whole then renamed: a reader polling for the file never sees it half-written.
+        ports_tmp = s.data_dir / f".{PORTS_FILE}.tmp"
+        ports_tmp.write_text(json.dumps({"http": self.http_port, "grpc": self.grpc_port}))
+        os.replace(ports_tmp, s.data_dir / PORTS_FILE)
         log.info(
             "cloud serving",
             http=f"{s.http_host}:{self.http_port}",
@@ -109,6 +111,8 @@ class CloudServer:
         )
 
     async def stop(self) -> None:
+        if self.ctx is not None:
+            await self.ctx.rollouts.stop()
         if self._http is not None:
             self._http.should_exit = True
         if self._http_task is not None:

@@ -21,13 +21,20 @@ from fieldline.edge.dataplane import DataPlane
 from fieldline.edge.enroll import EnrollmentError, enroll
 from fieldline.edge.gateway_stack import GatewayStack, choose_llm
 from fieldline.edge.installer import ArtifactInstaller
+from fieldline.edge.local_rollback import LocalRollbackGuard
 from fieldline.edge.reconciler import Reconciler
 from fieldline.edge.store import EdgeStore
 from fieldline.edge.tunnel import TunnelClient
 from fieldline.shared.config import EdgeSettings
 from fieldline.shared.logs import configure_logging
 from fieldline.shared.proto import tunnel_pb2 as pb
-from fieldline.shared.schemas import ArtifactKind, DesiredState, NodeInfo, ObservedState
+from fieldline.shared.schemas import (
+    ArtifactKind,
+    DesiredState,
+    ModelHealth,
+    NodeInfo,
+    ObservedState,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +64,9 @@ class EdgeAgent:
         self._cleanup: list[Callable[[], Awaitable[None]]] = []
         # Data-plane components add themselves here; each returns its part of the health report.
         self.health_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        # Per-model health sources (ONNX inspection here; an engine may add its own).
+        self.model_sources: list[Callable[[], dict[str, ModelHealth]]] = []
+        self.rollback_guard: LocalRollbackGuard | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -113,6 +123,8 @@ class EdgeAgent:
         dataplane.on_verdict = gateway.explainer.on_verdict
         self.health_sources["llm"] = gateway.llm.health
         self.health_sources["gateway"] = gateway.health
+        self.model_sources.append(dataplane.model_health)
+        self.rollback_guard = LocalRollbackGuard(store)
         self.reconciler = reconciler = Reconciler(
             store,
             installer,
@@ -120,6 +132,8 @@ class EdgeAgent:
             self._report,
             health=self.health,
             on_applied=self._on_applied,
+            models=self.model_health,
+            check_models=self._check_models,
         )
         # The last persisted desired state applies at once, with or without the cloud.
         reconciler.wake()
@@ -201,7 +215,23 @@ class EdgeAgent:
         if self.store is not None:
             self.store.close()
 
+    def model_health(self) -> dict[str, ModelHealth]:
+        models: dict[str, ModelHealth] = {}
+        for source in self.model_sources:
+            try:
+                models.update(source())
+            except Exception:  # one broken source must not hide the others
+                log.exception("model health source failed")
+        return models
+
+    def _check_models(self) -> bool:
+        """Decide local rollbacks from the models' health; True when one was decided."""
+        if self.rollback_guard is None or self.dataplane is None:
+            return False
+        return bool(self.rollback_guard.check(self.model_health(), self.dataplane.policy))
+
     def health(self) -> dict[str, Any]:
+        """The heartbeat's summary (shared.schemas.NodeHealth): models, rollbacks, parts."""
         report: dict[str, Any] = {}
         if self.tunnel is not None:
             report["tunnel"] = {
@@ -214,6 +244,11 @@ class EdgeAgent:
             except Exception as exc:  # one broken source must not hide the others
                 log.exception("health source failed", source=name)
                 report[name] = {"error": str(exc)}
+        report["models"] = {n: m.model_dump(mode="json") for n, m in self.model_health().items()}
+        if self.store is not None:
+            report["local_rollbacks"] = [
+                r.model_dump(mode="json") for r in self.store.local_rollbacks()
+            ]
         return report
 
     async def _heartbeat(self) -> None:
@@ -221,6 +256,9 @@ class EdgeAgent:
 
         A coroutine, so APScheduler runs it on the loop: the tunnel's queue is not thread-safe.
         """
+        # A model that keeps failing is rolled back here (the reconciler does the switching).
+        if self._check_models() and self.reconciler is not None:
+            self.reconciler.wake()
         health = json.dumps(self.health(), default=str)
         if self.store is not None:
             self.store.set_meta(health=health)
@@ -259,6 +297,9 @@ class EdgeAgent:
                     observed=pb.ObservedStateReport(observed_json=observed.model_dump_json())
                 )
             )
+            # Fresh model health right after a change, not at the next beat: gates read it.
+            health = json.dumps(self.health(), default=str)
+            self.tunnel.heartbeat(health)
 
 
 async def _run(settings: EdgeSettings) -> int:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from fieldline.edge.inspection import InspectionRuntime, Verdict
+from fieldline.edge.model_health import ModelHealthReporter
 from fieldline.edge.mqtt import MqttIngestor
 from fieldline.edge.outbox import NewRecord, Outbox, OutboxFull
 from fieldline.edge.store import EdgeStore
@@ -23,7 +24,7 @@ from fieldline.edge.sync import OutboxSync
 from fieldline.shared.config import EdgeSettings
 from fieldline.shared.policy import InspectionRule, Policy
 from fieldline.shared.proto import tunnel_pb2 as pb
-from fieldline.shared.schemas import ArtifactKind, DesiredState
+from fieldline.shared.schemas import ArtifactKind, DesiredState, ModelHealth
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +48,7 @@ class DataPlane:
         self.inspection = InspectionRuntime(
             self._publish, self._store_verdict, settings=settings.inspection, registry=self.registry
         )
+        self.model_reporter = ModelHealthReporter(settings.inspection)
         self.ingestor: MqttIngestor | None = None
         if settings.mqtt is not None:
             self.ingestor = MqttIngestor(
@@ -100,6 +102,10 @@ class DataPlane:
             if row is not None and row.kind == kind.value and row.path:
                 models[name] = (version, Path(row.path))
         return models
+
+    def model_health(self) -> dict[str, ModelHealth]:
+        """Per active ONNX model: loaded or not, and the last window's requests, errors, p95."""
+        return self.model_reporter.report(self.installed_models(), self.inspection.health())
 
     # -- verdicts ------------------------------------------------------------------------------
 

@@ -91,6 +91,7 @@ _EMPTY_HEALTH: dict[str, Any] = {
     "queue_depth": 0,
     "window_s": HEALTH_WINDOW_S,
     "window_requests": 0,
+    "window_errors": 0,
     "error_rate": 0.0,
     "p95_latency_ms": None,
 }
@@ -403,6 +404,7 @@ class InspectionRuntime:
                 "queue_depth": worker.depth(),
                 "window_s": HEALTH_WINDOW_S,
                 "window_requests": len(window),
+                "window_errors": failed,
                 "error_rate": failed / len(window) if window else 0.0,
                 "p95_latency_ms": float(np.percentile(ok_ms, 95)) if ok_ms else None,
                 "error": swap_errors.get(name),

@@ -138,6 +138,9 @@ class ModelWorker:
 
     def swap(self, model: LoadedModel) -> None:
         self._model = model
+        # The health window describes the version serving now (a rollout gate reads it).
+        with self.stats.lock:
+            self.stats.window.clear()
 
     def start(self) -> None:
         self._thread.start()

@@ -140,16 +140,32 @@ class ArtifactInstaller:
 
     def activate(self, m: ArtifactManifest) -> None:
         """Point <name>/active at this version (atomic rename), keep the previous, drop older ones."""
-        name_dir = self.root / m.name
+        self._switch(m.name, m.version, m.sha256, m.kind.value, str(self.installed_path(m)))
+
+    def reactivate(self, name: str, version: str) -> bool:
+        """Make an installed version active again (a rollback); False when it is not installed."""
+        row = self.store.artifact(name, version)
+        if (
+            row is None
+            or row.state not in (ArtifactState.installed, ArtifactState.active)
+            or not row.path
+            or not Path(row.path).is_file()
+        ):
+            return False
+        self._switch(name, version, row.sha256, row.kind, row.path)
+        return True
+
+    def _switch(self, name: str, version: str, sha256: str, kind: str, path: str) -> None:
+        name_dir = self.root / name
         link = name_dir / "active"
         tmp = name_dir / ".active.tmp"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        os.symlink(m.version, tmp)
+        os.symlink(version, tmp)
         os.replace(tmp, link)
         _fsync_dir(name_dir)
-        replaced = self.store.set_active(m.name, m.version)
-        old = self.store.artifact(m.name, replaced) if replaced else None
+        replaced = self.store.set_active(name, version)
+        old = self.store.artifact(name, replaced) if replaced else None
         if old is not None:  # kept, installed but not active, for rollback
             self.store.set_artifact(
                 name=old.name,
@@ -160,15 +176,15 @@ class ArtifactInstaller:
                 path=old.path,
             )
         self.store.set_artifact(
-            name=m.name,
-            version=m.version,
-            sha256=m.sha256,
-            kind=m.kind.value,
+            name=name,
+            version=version,
+            sha256=sha256,
+            kind=kind,
             state=ArtifactState.active,
-            path=str(self.installed_path(m)),
+            path=path,
         )
-        self._prune(m.name)
-        log.info("activated", artifact=m.ref, previous=replaced)
+        self._prune(name)
+        log.info("activated", artifact=f"{name}@{version}", previous=replaced)
 
     def _prune(self, name: str) -> None:
         """Keep the active and the previous version of `name`; delete the rest."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import sqlite_utils
 
 from fieldline.shared.clock import utcnow
-from fieldline.shared.schemas import ArtifactState, DesiredState, ObservedState
+from fieldline.shared.schemas import ArtifactState, DesiredState, LocalRollback, ObservedState
 
 DB_FILE = "edge.db"
 
@@ -42,6 +42,15 @@ CREATE TABLE IF NOT EXISTS active (
     name TEXT PRIMARY KEY,
     version TEXT NOT NULL,
     previous TEXT
+);
+CREATE TABLE IF NOT EXISTS local_rollbacks (
+    name TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    from_version TEXT NOT NULL,
+    to_version TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (name, sha256)
 );
 """
 
@@ -252,6 +261,41 @@ class EdgeStore:
                     (version, replaced, name),
                 )
         return replaced
+
+    # local rollbacks: versions this node returned from by itself and will not activate again
+    def add_local_rollback(self, mark: LocalRollback) -> None:
+        with self._lock:
+            self.db.conn.execute(
+                "INSERT OR REPLACE INTO local_rollbacks "
+                "(name, sha256, from_version, to_version, reason, at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    mark.name,
+                    mark.sha256,
+                    mark.from_version,
+                    mark.to_version,
+                    mark.reason,
+                    mark.at.isoformat(),
+                ),
+            )
+
+    def local_rollbacks(self) -> list[LocalRollback]:
+        with self._lock:
+            rows = self.db.conn.execute(
+                "SELECT name, sha256, from_version, to_version, reason, at "
+                "FROM local_rollbacks ORDER BY at"
+            ).fetchall()
+        return [
+            LocalRollback(
+                name=r[0], sha256=r[1], from_version=r[2], to_version=r[3], reason=r[4], at=r[5]
+            )
+            for r in rows
+        ]
+
+    def clear_local_rollback(self, name: str, sha256: str) -> None:
+        with self._lock:
+            self.db.conn.execute(
+                "DELETE FROM local_rollbacks WHERE name = ? AND sha256 = ?", (name, sha256)
+            )
 
     # observed state
     def save_observed(self, observed: ObservedState) -> None:

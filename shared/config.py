@@ -97,6 +97,8 @@ class CloudSettings(FieldlineSettings):
     # A node counts as offline when nothing was heard from it for this long.
     offline_after_s: float = Field(default=30.0, gt=0)
     log_level: str = "info"
+    # How often the rollout controller looks at running rollouts.
+    rollout_tick_s: float = Field(default=1.0, gt=0, le=60)
 
 
 class BackoffSettings(BaseModel):

@@ -204,6 +204,9 @@ class Policy(BaseModel):
     llm_model: str | None = Field(default=None, max_length=128)
     # The edge may return to the previous model version by itself when one fails.
     local_rollback: bool = True
+    # "Keeps failing": at least this many requests in the health window, this share of them errors.
+    local_rollback_min_requests: int = Field(default=20, ge=1)
+    local_rollback_error_rate: float = Field(default=0.5, gt=0, le=1)
 
     _prompts = field_validator("prefetch_prompts")(_check_prompts)
     _templates = field_validator("prompt_templates")(_check_templates)

@@ -10,12 +10,15 @@ from fastapi import FastAPI, Request, Response
 from fieldline.cloud.api.routes import (
     artifacts,
     assignments,
+    dashboard,
+    fleet,
     health,
     keys,
     nodes,
     policies,
     quantize,
     records,
+    rollouts,
     tokens,
 )
 from fieldline.cloud.context import CloudContext
@@ -39,6 +42,9 @@ def create_app(ctx: CloudContext) -> FastAPI:
         assignments,
         policies,
         records,
+        rollouts,
+        fleet,
+        dashboard,
     ):
         app.include_router(module.router)
 

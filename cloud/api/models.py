@@ -123,3 +123,52 @@ class RecordPublic(BaseModel):
 class RecordPage(BaseModel):
     records: list[RecordPublic]
     next_cursor: str | None
+
+
+class RolloutAction(BaseModel):
+    """Body of pause, resume and abort: an optional reason for the history."""
+
+    reason: str = Field(default="", max_length=500)
+
+
+class RolloutNodePublic(BaseModel):
+    node_id: str
+    wave: int
+    state: str  # waiting, applying, applied, soaking, healthy, failed, rolled_back
+    reason: str
+    previous: str | None
+    target_generation: int | None
+    updated: datetime
+
+
+class RolloutWavePublic(BaseModel):
+    index: int  # 1-based, as people count waves
+    size: int
+    state: str  # waiting, running, soaking, passed, failed, rolled_back
+    counts: dict[str, int]  # node state -> nodes
+
+
+class RolloutEventPublic(BaseModel):
+    at: datetime
+    state: str
+    wave: int | None  # 1-based
+    reason: str
+    actor: str
+
+
+class RolloutPublic(BaseModel):
+    id: str
+    state: str  # pending, running, paused, succeeded, rolled_back, aborted
+    reason: str
+    artifact: str | None
+    policy: str | None  # the policy's name
+    selector: dict[str, str]
+    spec: dict[str, Any]
+    wave: int  # 1-based index of the current (or last) wave
+    waves: list[RolloutWavePublic]
+    soak_started_at: datetime | None
+    created: datetime
+    updated: datetime
+    created_by: str
+    nodes: list[RolloutNodePublic] | None = None  # in GET /v1/rollouts/{id}
+    history: list[RolloutEventPublic] | None = None  # in GET /v1/rollouts/{id}

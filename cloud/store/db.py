@@ -82,7 +82,63 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (node_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_ts ON records (ts_ms);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    wave INTEGER NOT NULL DEFAULT 0,
+    wave_started_at TEXT,
+    soak_started_at TEXT,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    created_by TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS rollouts_state ON rollouts (state);
+CREATE TABLE IF NOT EXISTS rollout_nodes (
+    rollout_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    previous TEXT,
+    target_generation INTEGER,
+    updated TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, node_id)
+);
+CREATE TABLE IF NOT EXISTS rollout_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout_id TEXT NOT NULL,
+    at TEXT NOT NULL,
+    state TEXT NOT NULL,
+    wave INTEGER,
+    reason TEXT NOT NULL,
+    actor TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS rollout_events_rollout ON rollout_events (rollout_id, id);
+CREATE TABLE IF NOT EXISTS node_pins (
+    node_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT,
+    rollout_id TEXT NOT NULL,
+    PRIMARY KEY (node_id, kind, name)
+);
+CREATE INDEX IF NOT EXISTS node_pins_rollout ON node_pins (rollout_id);
 """
+
+# Columns added after a table first shipped: (table, column, type). Added at open when missing.
+ADDED_COLUMNS = [
+    ("nodes", "health_at", "TEXT"),
+]
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, column, sql_type in ADDED_COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
 
 
 class Database:
@@ -99,6 +155,7 @@ class Database:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
+        _add_missing_columns(conn)
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
 

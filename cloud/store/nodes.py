@@ -29,6 +29,7 @@ class NodeRow:
     observed: str | None  # ObservedState JSON
     health: str | None  # the latest heartbeat's health summary (JSON)
     synced_seq: int
+    health_at: datetime | None = None  # when that summary arrived
 
 
 def _row(r: dict[str, Any]) -> NodeRow:
@@ -44,6 +45,7 @@ def _row(r: dict[str, Any]) -> NodeRow:
         observed=r["observed"],
         health=r["health"],
         synced_seq=r["synced_seq"],
+        health_at=datetime.fromisoformat(r["health_at"]) if r.get("health_at") else None,
     )
 
 
@@ -87,6 +89,16 @@ def list_nodes(db: Database) -> list[NodeRow]:
         return [_row(r) for r in d["nodes"].rows_where(order_by="created, id")]
 
 
+def get_nodes(db: Database, *, node_ids: list[str]) -> dict[str, NodeRow]:
+    """The rows of these nodes (those that exist), by id, in one query."""
+    if not node_ids:
+        return {}
+    marks = ",".join("?" * len(node_ids))
+    with db.read() as d:
+        rows = d["nodes"].rows_where(f"id IN ({marks})", node_ids)
+        return {r["id"]: _row(r) for r in rows}
+
+
 def set_labels(db: Database, *, node_id: str, labels: dict[str, str]) -> None:
     with db.write() as d:
         if d["nodes"].count_where("id = ?", [node_id]) == 0:
@@ -102,11 +114,13 @@ def touch_node(
     health_json: str | None = None,
 ) -> None:
     """Record that the node was heard from (what it says about itself on hello, its health)."""
-    values: dict[str, Any] = {"last_seen": utcnow().isoformat()}
+    now = utcnow().isoformat()
+    values: dict[str, Any] = {"last_seen": now}
     if node_info is not None:
         values["node_info"] = json.dumps(node_info)
     if health_json:
         values["health"] = health_json
+        values["health_at"] = now
     with db.write() as d:
         d["nodes"].update(node_id, values)
 

@@ -82,3 +82,14 @@ def count_records(db: Database, *, node_id: str | None = None) -> int:
                 0
             ]
         )
+
+
+def records_per_minute(db: Database, *, since_ms: int) -> list[tuple[int, str, int]]:
+    """(minute start in ms, kind, records) for records stamped at or after since_ms."""
+    with db.read() as d:
+        rows = d.conn.execute(
+            "SELECT (ts_ms / 60000) * 60000 AS minute, kind, COUNT(*) FROM records "
+            "WHERE ts_ms >= ? GROUP BY minute, kind ORDER BY minute",
+            (since_ms,),
+        ).fetchall()
+    return [(int(m), str(k), int(n)) for m, k, n in rows]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 
 import grpc
@@ -26,7 +25,7 @@ from fieldline.shared.clock import now_ms
 from fieldline.shared.ids import new_id, new_secret
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
-from fieldline.shared.schemas import NodeInfo, ObservedState
+from fieldline.shared.schemas import NodeHealth, NodeInfo, ObservedState
 
 log = structlog.get_logger(__name__)
 
@@ -174,7 +173,9 @@ class TunnelService(pb_grpc.TunnelServicer):
             hb = msg.heartbeat
             health = hb.health_json if 0 < len(hb.health_json) <= MAX_JSON_CHARS else None
             if health is not None:
-                json.loads(health)  # must be JSON (a ValueError is counted and refused)
+                # Typed where rollout gates read it (models, local rollbacks); a ValueError or
+                # ValidationError is counted and refused.
+                NodeHealth.model_validate_json(health)
             node_store.touch_node(self.db, node_id=node_id, health_json=health)
             ack = pb.HeartbeatAck(seq=hb.seq, sent_at_ms=hb.sent_at_ms, server_time_ms=now_ms())
             return [pb.CloudMessage(heartbeat_ack=ack)]

@@ -24,7 +24,7 @@ EDGE_ENV = {
     # Each edge's gateway on a free port (DATA/gateway.json says which), so edges never collide.
     "FIELDLINE_GATEWAY__PORT": "0",
 }
-CLOUD_ENV = {"FIELDLINE_OFFLINE_AFTER_S": "5"}
+CLOUD_ENV = {"FIELDLINE_OFFLINE_AFTER_S": "5", "FIELDLINE_ROLLOUT_TICK_S": "0.3"}
 
 
 def wait_until(

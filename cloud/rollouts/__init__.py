@@ -1,0 +1,1 @@
+"""Staged rollouts: waves over a label selector, health gates, automatic rollback."""
