@@ -124,6 +124,7 @@ class EdgeAgent:
         self.health_sources["llm"] = gateway.llm.health
         self.health_sources["gateway"] = gateway.health
         self.model_sources.append(dataplane.model_health)
+        self.model_sources.append(gateway.llm.model_health)
         self.rollback_guard = LocalRollbackGuard(store)
         self.reconciler = reconciler = Reconciler(
             store,

@@ -23,10 +23,12 @@ from fieldline.edge.engine.async_engine import AsyncLLMEngine
 from fieldline.edge.engine.config import EngineConfig
 from fieldline.shared.config import LLMSettings
 from fieldline.shared.llm_artifact import unpack_checkpoint
+from fieldline.shared.schemas import ModelHealth
 
 log = structlog.get_logger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"  # unpacked beside the installed artifact file
+HEALTH_WINDOW_S = 60.0  # the window of model_health(), as for the inspection models
 STOP_DRAIN_S = 5.0  # on shutdown, requests in flight get this long before they are aborted
 
 
@@ -89,6 +91,7 @@ class LLMRuntime:
         self.current: ServedModel | None = None
         self.error: str | None = None
         self.loading: str | None = None
+        self.failed: tuple[str, str] | None = None  # (name, version) of the last failed load
         self.loads = 0
         # Called with the new model (None: none) after every switch: the cache clears here.
         self.on_change: list[Callable[[ServedModel | None], None]] = []
@@ -135,11 +138,12 @@ class LLMRuntime:
                 await served.engine.start()
             except Exception as exc:  # a bad artifact must not take the node down
                 self.error = f"{name}@{version} failed to load: {exc}"
+                self.failed = (name, version)
                 log.exception("LLM failed to load", model=name, version=version)
                 return False
             finally:
                 self.loading = None
-            self.current, self.error = served, None
+            self.current, self.error, self.failed = served, None, None
             self.loads += 1
             log.info(
                 "LLM serving",
@@ -229,6 +233,38 @@ class LLMRuntime:
         return "float16" if self._device().startswith("cuda") else "float32"
 
     # -- observed state --------------------------------------------------------------------
+
+    def model_health(self) -> dict[str, ModelHealth]:
+        """The LLM as a rollout gate sees it: loaded or why not, and the last window's requests,
+        failures and p95 latency. A version that failed to load is what is reported for its
+        name, even while the previous version keeps serving."""
+        report: dict[str, ModelHealth] = {}
+        cur = self.current
+        if cur is not None:
+            outcomes = list(cur.engine.outcomes)
+            window = [o for o in outcomes if o.at >= time.monotonic() - HEALTH_WINDOW_S]
+            failed = sum(1 for o in window if not o.ok)
+            ok_ms = sorted(o.latency_s * 1000.0 for o in window if o.ok)
+            report[cur.name] = ModelHealth(
+                name=cur.name,
+                version=cur.version,
+                kind="llm",
+                loaded=True,
+                serving=cur.engine.running,
+                requests=len(outcomes),
+                errors=sum(1 for o in outcomes if not o.ok),
+                window_s=HEALTH_WINDOW_S,
+                window_requests=len(window),
+                window_errors=failed,
+                error_rate=failed / len(window) if window else 0.0,
+                p95_latency_ms=ok_ms[-(-95 * len(ok_ms) // 100) - 1] if ok_ms else None,
+            )
+        if self.failed is not None and self.error:
+            name, version = self.failed
+            report[name] = ModelHealth(
+                name=name, version=version, kind="llm", error=self.error[:2000]
+            )
+        return report
 
     def health(self) -> dict[str, Any]:
         """What the node reports about its LLM, the tuned engine config included."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,16 @@ from fieldline.shared.ids import new_id
 log = structlog.get_logger(__name__)
 
 REPLACEMENT_CHAR = "\ufffd"  # a partial UTF-8 character: hold the text until it completes
+OUTCOMES_KEPT = 4096  # finished or failed requests remembered for health windows
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    """One request that ended: when (time.monotonic()), how long it took, and whether it failed."""
+
+    at: float
+    latency_s: float
+    ok: bool
 
 
 class EngineStoppedError(RuntimeError):
@@ -58,6 +69,8 @@ class AsyncLLMEngine:
         # A config builds the engine (and loads the model) here, before start().
         self.engine = engine if isinstance(engine, LLMEngine) else LLMEngine(engine)
         self._commands: deque[_Add | _Abort] = deque()  # loop thread -> step thread
+        # requests that ended, newest last (the LLM's health window reads them)
+        self.outcomes: deque[RequestOutcome] = deque(maxlen=OUTCOMES_KEPT)
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._lock = threading.Lock()  # held by the step thread while it touches the engine
         self._executor: ThreadPoolExecutor | None = None
@@ -202,6 +215,8 @@ class AsyncLLMEngine:
                 self._deliver(request_id, error)
             for output in outputs:
                 self._deliver(output.request_id, output)
+                if output.finished and output.finish_reason != "abort":
+                    self._outcome(output.metrics.latency or 0.0, ok=True)
 
     def _step(self) -> tuple[list[tuple[str, ValueError]], list[RequestOutput]]:
         """On the step thread: apply queued adds and aborts, then run one engine step."""
@@ -230,3 +245,7 @@ class AsyncLLMEngine:
         for request_id in list(self._streams):
             self._commands.append(_Abort(request_id))
             self._deliver(request_id, EngineStoppedError(f"engine step failed: {exc}"))
+            self._outcome(0.0, ok=False)
+
+    def _outcome(self, latency_s: float, *, ok: bool) -> None:
+        self.outcomes.append(RequestOutcome(time.monotonic(), latency_s, ok))

@@ -461,11 +461,24 @@ def test_api_key_health_and_no_model(checkpoint: Path) -> None:
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and health.json()["llm"]["state"] == "failed"
         assert "gpt2" in health.json()["detail"]
+        assert g.stack is not None
+        # what a rollout's health gate reads: the version that did not load, and why
+        failed = g.stack.llm.model_health()[MODEL]
+        assert (failed.version, failed.kind, failed.loaded) == ("0", "llm", False)
+        assert failed.error is not None and "gpt2" in failed.error
         g.load(checkpoint, MODEL, "1")
         assert httpx.get(f"{url}/health").status_code == 200
         r = httpx.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": 2}, headers=auth)
         assert r.status_code == 200
-        assert g.stack is not None
+        served = g.stack.llm.model_health()[MODEL]
+        assert (served.version, served.loaded, served.serving, served.error) == (
+            "1",
+            True,
+            True,
+            None,
+        )
+        assert served.window_requests == 1 and served.window_errors == 0
+        assert served.p95_latency_ms is not None and served.p95_latency_ms > 0
         g.call(g.stack.llm.deactivate())
         assert httpx.get(f"{url}/health").status_code == 503
     finally:
