@@ -35,12 +35,36 @@ def cloud_serve(
     http: Annotated[str | None, typer.Option("--http", help="Admin API HOST:PORT.")] = None,
     grpc: Annotated[str | None, typer.Option("--grpc", help="Tunnel server HOST:PORT.")] = None,
     config: ConfigOpt = None,
+    tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--tls/--no-tls",
+            help="HTTPS admin API, mutual-TLS tunnel, TLS enrollment listener; mints a CA "
+            "and a server certificate in DATA/tls on first start unless --tls-cert is given.",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Server certificate (chain) PEM.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="Its private key PEM.")] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option("--tls-ca", help="The CA that signed --tls-cert (edges pin it)."),
+    ] = None,
+    tls_hostname: Annotated[
+        list[str] | None,
+        typer.Option("--tls-hostname", help="Extra name for the minted certificate (repeat)."),
+    ] = None,
+    enroll: Annotated[
+        str | None, typer.Option("--enroll", help="TLS enrollment listener HOST:PORT.")
+    ] = None,
 ) -> None:
     """Run the admin API and the tunnel server in one process."""
     from fieldline.cloud.server import serve
 
     http_host, http_port = split_hostport(http, "--http")
     grpc_host, grpc_port = split_hostport(grpc, "--grpc")
+    enroll_host, enroll_port = split_hostport(enroll, "--enroll")
     try:
         settings = load_settings(
             CloudSettings,
@@ -50,6 +74,13 @@ def cloud_serve(
             http_port=http_port,
             grpc_host=grpc_host,
             grpc_port=grpc_port,
+            tls=True if (tls_cert or tls_key or tls_ca) and tls is None else tls,
+            tls_cert_file=tls_cert,
+            tls_key_file=tls_key,
+            tls_ca_file=tls_ca,
+            tls_hostnames=tls_hostname or None,
+            enroll_host=enroll_host,
+            enroll_port=enroll_port,
         )
     except ConfigError as exc:
         raise fail(str(exc), 2) from exc

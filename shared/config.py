@@ -97,6 +97,27 @@ class CloudSettings(FieldlineSettings):
     # A node counts as offline when nothing was heard from it for this long.
     offline_after_s: float = Field(default=30.0, gt=0)
     log_level: str = "info"
+    # TLS (docs/security.md): the admin API serves HTTPS, the tunnel requires client
+    # certificates, enrollment moves to its own server-authenticated TLS listener.
+    tls: bool = False
+    tls_cert_file: Path | None = None  # given server certificate (chain), instead of minting
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None  # the CA that signed tls_cert_file: what edges pin
+    tls_hostnames: list[str] = Field(default_factory=list)  # extra names for the minted cert
+    enroll_host: str | None = None  # default: grpc_host
+    enroll_port: int = Field(default=7444, ge=0, le=65535)
+    node_cert_days: int = Field(default=3650, ge=1)
+    # A key to make the first admin key from (a mounted secret) instead of a random one.
+    bootstrap_admin_key_file: Path | None = None
+    # Bounds on hostile clients (docs/security.md).
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    http_body_idle_timeout_s: float = Field(default=60.0, gt=0)
+    http_max_connections: int = Field(default=1000, ge=1)
+    grpc_max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    grpc_max_concurrent_rpcs: int = Field(default=10_000, ge=1)
+    enroll_rate_per_s: float = Field(default=1.0, gt=0)  # per client address
+    enroll_burst: int = Field(default=10, ge=1)
+    enroll_global_rate_per_s: float = Field(default=20.0, gt=0)
 
 
 class BackoffSettings(BaseModel):
@@ -132,6 +153,7 @@ class MqttSettings(BaseModel):
     client_id: str | None = None  # default: "fieldline-<node id>", fixed across restarts
     username: str | None = None
     password: str | None = None
+    password_file: Path | None = None  # read at start (a mounted secret); wins over password
     tls: bool = False
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -151,6 +173,13 @@ class EdgeSettings(FieldlineSettings):
     data_dir: Path = Path("./fieldline-edge")
     cloud: str | None = None  # HOST:PORT of the cloud's tunnel server
     token: str | None = None  # enrollment token, needed only on the first start
+    token_file: Path | None = None  # the token in a file (a mounted secret), if token is unset
+    # The cloud's CA, when the token carries no pin (else the pinned CA from enrollment is kept).
+    cloud_ca_file: Path | None = None
+    # Enrollment listener HOST:PORT; default: the cloud's host and the port the token names.
+    enroll: str | None = None
+    # The name the cloud's certificate must carry, when it differs from the host dialed.
+    tls_server_name: str | None = None
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     keepalive_s: float = Field(default=20.0, gt=0)
     reconnect: BackoffSettings = Field(default_factory=BackoffSettings)

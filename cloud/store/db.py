@@ -84,6 +84,19 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_ts ON records (ts_ms);
 """
 
+# Columns added after a table first shipped: (table, column, declaration). Added on open.
+ADDED_COLUMNS = [
+    ("nodes", "cert_sha256", "TEXT"),  # the client certificate issued at enrollment (TLS)
+    ("nodes", "revoked_at", "TEXT"),
+]
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    for table, column, decl in ADDED_COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
 
 class Database:
     """One SQLite connection shared by the API threads and the gRPC loop, behind a lock.
@@ -99,6 +112,7 @@ class Database:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
+        _add_columns(conn)
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
 
