@@ -3,6 +3,7 @@ and the unit files in deploy/systemd pass `systemd-analyze verify` where systemd
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import pytest
 
 from fieldline.cli.processes import Child, ProcessStack, fieldline_cmd, start_cloud
 from fieldline.shared.sdnotify import Notifier
-from tests.e2e.conftest import Fleet, fleet  # noqa: F401  (the fixture)
+from tests.e2e.conftest import Fleet
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "deploy" / "systemd"
@@ -100,7 +101,7 @@ def test_edge_sends_ready_then_watchdog_and_stops_when_its_loop_blocks(
     assert not _pings([m for m in notify_socket.messages if m[0] < ready_at])
     steady = _pings(notify_socket.drain(1.5))
     assert len(steady) >= 5, steady  # every 0.2 s
-    assert max(b - a for a, b in zip(steady, steady[1:], strict=False)) < 0.6
+    assert max(b - a for a, b in itertools.pairwise(steady)) < 0.6
 
     assert child.proc is not None
     child.proc.send_signal(signal.SIGUSR1)  # the loop sleeps BLOCK_S seconds
