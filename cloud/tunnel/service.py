@@ -44,6 +44,14 @@ MAX_JSON_CHARS = 1024 * 1024
 RATE_LIMIT_LOG_EVERY_S = 5.0  # under a flood, one log line per this many seconds
 
 
+def _json_document(text: str) -> object:
+    """json.loads with deep nesting refused as a ValueError (json raises RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _node_info(text: str) -> NodeInfo:
     if len(text) > MAX_JSON_CHARS:
         raise ValueError("node info too large")
@@ -311,8 +319,10 @@ class TunnelService(pb_grpc.TunnelServicer):
             self.metrics.heartbeats.inc()
             hb = msg.heartbeat
             health = hb.health_json if 0 < len(hb.health_json) <= MAX_JSON_CHARS else None
-            if health is not None:
-                json.loads(health)  # must be JSON (a ValueError is counted and refused)
+            # Must be a JSON object: anything else is counted and refused (ValueError), never
+            # stored where the admin API would fail to read it back.
+            if health is not None and not isinstance(_json_document(health), dict):
+                raise ValueError("health summary must be a JSON object")
             node_store.touch_node(self.db, node_id=node_id, health_json=health)
             ack = pb.HeartbeatAck(seq=hb.seq, sent_at_ms=hb.sent_at_ms, server_time_ms=now_ms())
             return [pb.CloudMessage(heartbeat_ack=ack)]
