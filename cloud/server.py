@@ -20,6 +20,7 @@ from fieldline.cloud.context import BootstrapKeyError, CloudContext, open_contex
 from fieldline.cloud.http_guard import guarded_protocol
 from fieldline.cloud.pki import PkiError, TlsMaterial, load_tls
 from fieldline.cloud.ratelimit import RateLimiter
+from fieldline.cloud.tunnel.limits import HARD_FACTOR, MessageLimitInterceptor
 from fieldline.cloud.tunnel.service import EnrollmentService, TunnelService
 from fieldline.shared.config import CloudSettings
 from fieldline.shared.logs import configure_logging
@@ -43,12 +44,13 @@ PORTS_FILE = "ports.json"
 
 
 def grpc_options(settings: CloudSettings) -> list[tuple[str, int]]:
-    """Server options; messages above grpc_max_message_bytes are refused (RESOURCE_EXHAUSTED)."""
+    """Server options. Messages above grpc_max_message_bytes are refused (RESOURCE_EXHAUSTED)
+    by MessageLimitInterceptor, logged and counted; gRPC core's limit is a silent backstop."""
     limit = settings.grpc_max_message_bytes
     return [
         *GRPC_OPTIONS,
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit * HARD_FACTOR),
+        ("grpc.max_send_message_length", limit * HARD_FACTOR),
     ]
 
 
@@ -72,9 +74,16 @@ class CloudServer:
         self._http_task: asyncio.Task[None] | None = None
 
     def _grpc_server(self) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+        assert self.ctx is not None
+        metrics = self.ctx.metrics
+        limiter = MessageLimitInterceptor(
+            self.settings.grpc_max_message_bytes,
+            on_oversize=lambda m: metrics.tunnel_errors.labels("oversize").inc(),
+        )
         server = grpc.aio.server(
             options=grpc_options(self.settings),
             maximum_concurrent_rpcs=self.settings.grpc_max_concurrent_rpcs,
+            interceptors=[limiter],
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

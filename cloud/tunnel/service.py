@@ -31,6 +31,7 @@ from fieldline.cloud.sessions import SessionRegistry
 from fieldline.cloud.store import auth as auth_store
 from fieldline.cloud.store import nodes as node_store
 from fieldline.cloud.store.db import Database
+from fieldline.cloud.tunnel.limits import Oversize
 from fieldline.shared.clock import now_ms
 from fieldline.shared.ids import new_id, new_secret
 from fieldline.shared.proto import tunnel_pb2 as pb
@@ -42,6 +43,10 @@ log = structlog.get_logger(__name__)
 
 MAX_JSON_CHARS = 1024 * 1024
 RATE_LIMIT_LOG_EVERY_S = 5.0  # under a flood, one log line per this many seconds
+
+
+class MessageTooLarge(Exception):
+    """An edge sent a message above the size limit; its stream ends with RESOURCE_EXHAUSTED."""
 
 
 def _json_document(text: str) -> object:
@@ -164,6 +169,9 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
         self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> pb.EnrollResponse:
         peer = peer_address(context.peer() or "")
+        if isinstance(request, Oversize):
+            self.metrics.enrollments.labels("oversize").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(request))
         if self._rate_limited(peer):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "too many enrollment attempts; retry later"
@@ -260,9 +268,15 @@ class TunnelService(pb_grpc.TunnelServicer):
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
-                    if not reader.cancelled() and reader.exception() is not None:
+                    failure = None if reader.cancelled() else reader.exception()
+                    if isinstance(failure, MessageTooLarge):
+                        log.warning(
+                            "tunnel closed: oversize message", node=node_id, error=str(failure)
+                        )
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(failure))
+                    if failure is not None:
                         self.metrics.tunnel_errors.labels("reader").inc()
-                        log.error("tunnel reader failed", node=node_id, exc_info=reader.exception())
+                        log.error("tunnel reader failed", node=node_id, exc_info=failure)
                     break  # the edge closed its side, or reading failed
                 msg = get.result()
                 if msg.WhichOneof("body") is None:
@@ -290,6 +304,8 @@ class TunnelService(pb_grpc.TunnelServicer):
         out: asyncio.Queue[pb.CloudMessage],
     ) -> None:
         async for msg in requests:
+            if isinstance(msg, Oversize):  # never parsed (cloud/tunnel/limits.py)
+                raise MessageTooLarge(str(msg))
             kind = msg.WhichOneof("body")
             try:
                 replies = await self._handle(node_id, kind, msg)
@@ -346,6 +362,8 @@ class TunnelService(pb_grpc.TunnelServicer):
         self, request: pb.FetchArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ArtifactChunk]:
         node_id = await authenticate(self.db, context, tls=self.tls)
+        if isinstance(request, Oversize):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(request))
         if request.sha256 not in assigned_sha256s(desired_json_for_node(self.db, node_id)):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, "artifact is not assigned to this node"
