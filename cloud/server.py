@@ -193,7 +193,10 @@ class CloudServer:
         }
         if tls is not None:
             ports.update(enroll=self.enroll_port, ca=str(s.data_dir / "tls" / "ca.crt"))
-        (s.data_dir / PORTS_FILE).write_text(json.dumps(ports))
+        # Atomically: a starter polls for this file and must never read half of it.
+        tmp = s.data_dir / f"{PORTS_FILE}.tmp"
+        tmp.write_text(json.dumps(ports))
+        os.replace(tmp, s.data_dir / PORTS_FILE)
         log.info(
             "cloud serving",
             http=f"{s.http_host}:{self.http_port}",
