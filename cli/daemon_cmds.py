@@ -131,3 +131,67 @@ def edge_status(
     if artifacts:
         cols = [(k, k) for k in artifacts[0]]
         print_table(artifacts, cols, title="artifacts")
+
+
+DataEnvOpt = Annotated[
+    Path,
+    typer.Option("--data", envvar="FIELDLINE_DATA_DIR", help="The daemon's data directory."),
+]
+
+
+@cloud_app.command("healthcheck")
+def cloud_healthcheck(
+    data: DataEnvOpt = Path("./fieldline-cloud"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for /healthz.")] = 5.0,
+) -> None:
+    """Exit 0 when the cloud on this host answers /healthz (container and probe checks)."""
+    import json
+    import ssl
+
+    import httpx
+
+    try:
+        ports = json.loads((data / "ports.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise fail(f"no running cloud found in {data} ({exc})", 1) from exc
+    verify: ssl.SSLContext | bool = True
+    scheme = "http"
+    if ports.get("tls"):
+        scheme, verify = "https", ssl.create_default_context(cafile=str(data / "tls" / "ca.crt"))
+    try:
+        r = httpx.get(
+            f"{scheme}://127.0.0.1:{ports['http']}/healthz", timeout=timeout, verify=verify
+        )
+    except httpx.HTTPError as exc:
+        raise fail(f"cloud health check failed: {exc}", 1) from exc
+    if r.status_code != 200:
+        raise fail(f"cloud health check failed: HTTP {r.status_code}", 1)
+    console.print(r.text)
+
+
+@edge_app.command("healthcheck")
+def edge_healthcheck(
+    data: DataEnvOpt = Path("./fieldline-edge"),
+    max_age_s: Annotated[
+        float, typer.Option(help="Oldest acceptable heartbeat, in seconds.")
+    ] = 60.0,
+) -> None:
+    """Exit 0 when the edge daemon wrote a heartbeat within --max-age-s (container checks)."""
+    import time
+
+    from fieldline.edge.store import EdgeStore, StoreError
+
+    try:
+        store = EdgeStore(data, read_only=True)
+    except StoreError as exc:
+        raise fail(str(exc), 1) from exc
+    try:
+        stamp = store.get_meta("health_at")
+    finally:
+        store.close()
+    if stamp is None:
+        raise fail("the edge daemon has not reported health yet", 1)
+    age = time.time() - int(stamp) / 1000
+    if age > max_age_s:
+        raise fail(f"the edge daemon's last heartbeat is {age:.0f}s old", 1)
+    console.print(f"ok: heartbeat {age:.1f}s ago")

@@ -167,6 +167,15 @@ class MqttSettings(BaseModel):
     max_payload_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
 
+class RetentionLimits(BaseModel):
+    """This gateway's own upper bounds on the outbox, whatever the policy asks (its disk size
+    is known here, not in the cloud). None leaves the policy's value."""
+
+    max_rows: int | None = Field(default=None, ge=100)
+    max_bytes: int | None = Field(default=None, ge=64 * 1024)
+    keep_synced_s: float | None = Field(default=None, ge=0)
+
+
 class EdgeSettings(FieldlineSettings):
     """The edge daemon: `fieldline edge run`."""
 
@@ -187,3 +196,4 @@ class EdgeSettings(FieldlineSettings):
     log_level: str = "info"
     # No broker configured: no ingestion (the node still installs and serves its artifacts).
     mqtt: MqttSettings | None = None
+    retention: RetentionLimits = Field(default_factory=RetentionLimits)
