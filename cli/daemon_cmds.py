@@ -195,3 +195,47 @@ def edge_healthcheck(
     if age > max_age_s:
         raise fail(f"the edge daemon's last heartbeat is {age:.0f}s old", 1)
     console.print(f"ok: heartbeat {age:.1f}s ago")
+
+
+@cloud_app.command("backup")
+def cloud_backup(
+    out: Annotated[Path, typer.Argument(help="The archive to write (.tar.gz, mode 0600).")],
+    data: DataEnvOpt = Path("./fieldline-cloud"),
+) -> None:
+    """Back up the cloud data directory while the cloud runs: store, keys, TLS, blobs."""
+    from rich.progress import BarColumn, DownloadColumn, Progress
+
+    from fieldline.cloud.backup import BackupError, backup
+
+    size = (
+        sum(p.stat().st_size for p in (data / "blobs").rglob("*") if p.is_file())
+        if (data / "blobs").exists()
+        else 0
+    )
+    try:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("backup", total=size or None)
+            report = backup(data, out, progress=lambda n: progress.advance(task, n))
+    except (BackupError, OSError) as exc:
+        raise fail(str(exc), 1) from exc
+    console.print(f"backed up {report.files} files ({report.bytes} bytes) to {report.path}")
+
+
+@cloud_app.command("restore")
+def cloud_restore(
+    archive: Annotated[Path, typer.Argument(help="An archive from `fieldline cloud backup`.")],
+    data: Annotated[Path, typer.Option("--data", help="A new, empty data directory.")],
+) -> None:
+    """Restore a backup into an empty data directory (then start the cloud on it)."""
+    from fieldline.cloud.backup import BackupError, restore
+
+    try:
+        count = restore(archive, data)
+    except BackupError as exc:
+        raise fail(str(exc), 1) from exc
+    console.print(f"restored {count} files into {data}")
