@@ -95,13 +95,20 @@ def edge_run(
     ] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Data directory.")] = None,
     config: ConfigOpt = None,
+    enroll: Annotated[
+        str | None,
+        typer.Option("--enroll", help="TLS enrollment HOST:PORT (default: from the token)."),
+    ] = None,
 ) -> None:
     """Run the edge daemon: enroll once, then keep the node in its desired state."""
     from fieldline.edge.agent import run_edge
 
     split_hostport(cloud, "--cloud")
+    split_hostport(enroll, "--enroll")
     try:
-        settings = load_settings(EdgeSettings, config, cloud=cloud, token=token, data_dir=data)
+        settings = load_settings(
+            EdgeSettings, config, cloud=cloud, token=token, data_dir=data, enroll=enroll
+        )
     except ConfigError as exc:
         raise fail(str(exc), 2) from exc
     raise typer.Exit(run_edge(settings))

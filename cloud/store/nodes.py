@@ -96,6 +96,15 @@ def authenticate_node(db: Database, *, node_id: str, secret: str) -> bool:
     )
 
 
+def check_secret(db: Database, *, node_id: str, secret: str) -> str:
+    """ "ok", "revoked" (the secret is right but the node was revoked) or "bad"."""
+    with db.read() as d:
+        rows = list(d["nodes"].rows_where("id = ?", [node_id], select="secret_hash, revoked_at"))
+    if not rows or not secret_matches(secret, rows[0]["secret_hash"]):
+        return "bad"
+    return "revoked" if rows[0]["revoked_at"] is not None else "ok"
+
+
 def certificate_matches(db: Database, *, node_id: str, cert_sha256: str) -> bool:
     """The certificate is the one issued to this node at enrollment, and it is not revoked."""
     with db.read() as d:

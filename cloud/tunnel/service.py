@@ -117,9 +117,16 @@ async def authenticate(
                 "the node credential does not match the client certificate",
             )
         return node_id
-    if bearer is not None and node_store.is_revoked(db, node_id=bearer[0]):
+    # The secret is checked first, so only the node itself learns that it was revoked.
+    verdict = (
+        "bad"
+        if bearer is None
+        else node_store.check_secret(db, node_id=bearer[0], secret=bearer[1])
+    )
+    if verdict == "revoked":
+        assert bearer is not None
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {bearer[0]} is revoked")
-    if bearer is None or not node_store.authenticate_node(db, node_id=bearer[0], secret=bearer[1]):
+    if verdict != "ok":
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or wrong node credential")
     assert bearer is not None
     return bearer[0]
