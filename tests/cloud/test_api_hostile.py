@@ -28,7 +28,9 @@ from fieldline.shared.config import CloudSettings
 # Examples per operation and generation mode; the slow run uses many more.
 QUICK_EXAMPLES = int(os.environ.get("FIELDLINE_SCHEMATHESIS_EXAMPLES", "8"))
 SLOW_EXAMPLES = 150
-PUBLIC = {"/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+# Routes that need no key: probes, metrics, the API document, and the dashboard page (its data
+# comes from /v1 routes with the key the user types in).
+PUBLIC = {"/", "/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
 @dataclass
