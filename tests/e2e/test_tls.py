@@ -188,6 +188,7 @@ def test_revoked_node_is_refused_and_its_tunnel_closes(tls_fleet: Fleet) -> None
 
         wait_until(closed, REVOKE_CLOSE_S, "the revoked node's tunnel to close", poll_s=0.05)
         took = time.monotonic() - started
+        print(f"revoked node's tunnel closed {took * 1000:.0f} ms after the API call")
         assert took < REVOKE_CLOSE_S, took
         # It stays out: the edge keeps retrying and is refused every time.
         time.sleep(2.0)
