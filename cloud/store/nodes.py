@@ -34,10 +34,6 @@ class NodeRow:
     cert_sha256: str | None = None
 
 
-class NodeRevoked(Exception):
-    """The node was revoked: it may not connect or enroll its certificate again."""
-
-
 def _row(r: dict[str, Any]) -> NodeRow:
     return NodeRow(
         id=r["id"],
