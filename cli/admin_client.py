@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import httpx
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 DEFAULT_TIMEOUT_S = 30.0
 QUANTIZE_TIMEOUT_S = 600.0
+CA_ENV = "FIELDLINE_CACERT"  # the cloud CA for https:// URLs (DATA/tls/ca.crt)
 
 
 class AdminError(Exception):
@@ -40,10 +42,26 @@ def _detail(resp: httpx.Response) -> str:
 class AdminClient:
     """A thin, typed wrapper over the /v1 routes; raises AdminError with the API's message."""
 
-    def __init__(self, url: str, key: str | None, timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self,
+        url: str,
+        key: str | None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        ca_file: str | None = None,
+    ):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # An https URL is verified against the given CA, else $FIELDLINE_CACERT, else the
+        # system's trust store.
+        ca = ca_file or os.environ.get(CA_ENV)
+        verify: Any = True
+        if ca:
+            import ssl
+
+            verify = ssl.create_default_context(cafile=ca)
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, verify=verify
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -149,6 +167,9 @@ class AdminClient:
     def records(self, **filters: Any) -> dict[str, Any]:
         params = {k: v for k, v in filters.items() if v is not None}
         return self._request("GET", "/v1/records", params=params)  # type: ignore[no-any-return]
+
+    def revoke_node(self, node_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/nodes/{node_id}/revoke")  # type: ignore[no-any-return]
 
     def healthz(self) -> dict[str, Any]:
         return self._request("GET", "/healthz")  # type: ignore[no-any-return]

@@ -67,7 +67,7 @@ def token_create(
     if as_json:
         print_json(tok)
     else:
-        console.print(tok["token"])
+        print(tok["token"])  # plain: rich would wrap a long token at the terminal width
 
 
 @key_app.command("create")
@@ -329,6 +329,22 @@ def nodes_label(
         print_json(node)
     else:
         print_table(node_rows([node]), NODE_COLUMNS)
+
+
+@nodes_app.command("revoke")
+def nodes_revoke(
+    node_id: Annotated[str, typer.Argument(help="Node id.")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a node: its credential and certificate are refused and its tunnel closes now."""
+    with _admin(url, key) as c:
+        node = c.revoke_node(node_id)
+    if as_json:
+        print_json(node)
+    else:
+        console.print(f"node {node['id']} revoked at {node['revoked_at']}")
 
 
 policy_app = typer.Typer(

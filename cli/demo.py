@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +22,17 @@ from typing import Any
 import httpx
 from rich.live import Live
 
-from fieldline.cli.admin_client import AdminClient, AdminError
+from fieldline.cli.admin_client import CA_ENV, AdminClient, AdminError
 from fieldline.cli.brokers import DemoBroker
 from fieldline.cli.demo_view import DemoEvents, EdgeSample, render
 from fieldline.cli.output import console, err_console
-from fieldline.cli.processes import ProcessError, ProcessStack, start_cloud, start_edge
+from fieldline.cli.processes import (
+    ProcessError,
+    ProcessStack,
+    cloud_url,
+    start_cloud,
+    start_edge,
+)
 from fieldline.cli.tcp_proxy import TcpProxy
 
 REFRESH_S = 0.5
@@ -53,7 +60,9 @@ def _policy(line: str, rule: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cloud_records(url: str) -> int:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
+    ca = os.environ.get(CA_ENV)
+    verify = ssl.create_default_context(cafile=ca) if ca else True
+    text = httpx.get(f"{url}/metrics", timeout=5, verify=verify).text
     for line in text.splitlines():
         if line.startswith("fieldline_cloud_records_ingested_total"):
             return int(float(line.rsplit(" ", 1)[1]))
@@ -100,11 +109,16 @@ def run_demo(duration: float = 60.0, workdir: str | None = None) -> int:
             console.print(f"[bold]fieldline demo[/bold] in {root} for {duration:.0f}s")
             broker = DemoBroker(root / "broker").start()
             events.add(f"MQTT broker: {broker.kind} on 127.0.0.1:{broker.port}")
-            _, ports = start_cloud(stack, root / "cloud")
+            # TLS everywhere: HTTPS admin API, tokens that pin the minted CA, a mutual-TLS tunnel.
+            _, ports = start_cloud(stack, root / "cloud", tls=True)
+            os.environ[CA_ENV] = str(root / "cloud" / "tls" / "ca.crt")  # admin client, children
             key = (root / "cloud" / "admin.key").read_text().strip()
-            url = f"http://127.0.0.1:{ports['http']}"
+            url = cloud_url(root / "cloud", ports)
             proxy = TcpProxy(("127.0.0.1", ports["grpc"])).start()
-            events.add(f"cloud: admin API {url}; edges reach its tunnel through a cuttable proxy")
+            events.add(
+                f"cloud: admin API {url} (TLS); edges enroll over TLS on port {ports['enroll']} "
+                "and reach the mutual-TLS tunnel through a cuttable proxy"
+            )
             simulator = _setup(root, url, key, broker, proxy, stack, events)
             converged = _watch(root, url, key, duration, events, proxy, stack, stop)
             simulator.stop()
@@ -208,7 +222,10 @@ def _setup(
         for name, labels in EDGES:
             token = admin.create_token(labels)["token"]
             start_edge(stack, root / name, proxy.port, token=token, name=name, env=env)
-            events.add(f"{name} enrolled with {','.join(f'{k}={v}' for k, v in labels.items())}")
+            events.add(
+                f"{name} enrolling over TLS (CA pinned by its token) with "
+                f"{','.join(f'{k}={v}' for k, v in labels.items())}"
+            )
     sim = LineSimulator(
         LineConfig(port=broker.port, lines=("a", "b"), mqtt_v311=broker.protocol == "3.1.1")
     )

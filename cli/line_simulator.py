@@ -38,6 +38,8 @@ class LineConfig:
     defect_rate: float = 0.1
     seed: int = 0
     mqtt_v311: bool = False  # the embedded demo broker speaks 3.1.1 only
+    username: str | None = None
+    password: str | None = None
 
 
 class LineSimulator:
@@ -55,6 +57,8 @@ class LineSimulator:
             CallbackAPIVersion.VERSION2, client_id=f"line-sim-{config.seed}", protocol=protocol
         )
         self._client.max_queued_messages_set(10_000)
+        if config.username:
+            self._client.username_pw_set(config.username, config.password)
 
     def start(self) -> None:
         self._client.connect(self.config.host, self.config.port, keepalive=30)
@@ -110,17 +114,66 @@ class LineSimulator:
             log.warning("publish failed", topic=topic, rc=info.rc)
 
 
+STATUS_MAX_AGE_S = 10.0
+
+
+def _check_status(path: str) -> int:
+    """Exit code for a container health check: 0 while the status file is fresh."""
+    import os
+
+    try:
+        age = time.time() - os.path.getmtime(path)
+    except OSError:
+        return 1
+    return 0 if age <= STATUS_MAX_AGE_S else 1
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
-    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--seconds", type=float, default=60.0, help="0: until SIGTERM")
     p.add_argument("--defect-rate", type=float, default=0.1)
+    p.add_argument("--username")
+    p.add_argument("--password-file", help="file holding the broker password")
+    p.add_argument("--status-file", help="rewritten every second with the counts")
+    p.add_argument("--check-status", metavar="FILE", help="exit 0 if FILE is fresh, else 1")
     a = p.parse_args()
-    sim = LineSimulator(LineConfig(host=a.host, port=a.port, defect_rate=a.defect_rate))
+    if a.check_status:
+        raise SystemExit(_check_status(a.check_status))
+    password = None
+    if a.password_file:
+        with open(a.password_file) as f:
+            password = f.read().strip()
+    sim = LineSimulator(
+        LineConfig(
+            host=a.host,
+            port=a.port,
+            defect_rate=a.defect_rate,
+            username=a.username,
+            password=password,
+        )
+    )
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     sim.start()
+    deadline = time.monotonic() + a.seconds if a.seconds > 0 else None
     try:
-        time.sleep(a.seconds)
+        while not stop.wait(1.0):
+            counts = {
+                "published": sim.published,
+                "frames": sim.frames,
+                "defects": sim.defects_shown,
+            }
+            if a.status_file:
+                with open(a.status_file, "w") as f:
+                    json.dump(counts, f)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+    except KeyboardInterrupt:
+        pass
     finally:
         sim.stop()
     print(

@@ -133,9 +133,19 @@ def wait_for_file(path: Path, child: Child, timeout_s: float = PORTS_WAIT_S) -> 
 
 
 def read_ports(data_dir: Path) -> dict[str, int]:
-    """The ports a cloud started with port 0 actually bound (DATA_DIR/ports.json)."""
+    """The ports a cloud started with port 0 actually bound (DATA_DIR/ports.json); with TLS
+    also "enroll" (its TLS enrollment listener)."""
     data = json.loads((data_dir / "ports.json").read_text())
-    return {"http": int(data["http"]), "grpc": int(data["grpc"])}
+    ports = {"http": int(data["http"]), "grpc": int(data["grpc"])}
+    if data.get("enroll"):
+        ports["enroll"] = int(data["enroll"])
+    return ports
+
+
+def cloud_url(data_dir: Path, ports: dict[str, int]) -> str:
+    """The admin API's base URL: https when the cloud runs with TLS (DATA/tls/ca.crt trusts it)."""
+    scheme = "https" if "enroll" in ports else "http"
+    return f"{scheme}://127.0.0.1:{ports['http']}"
 
 
 def start_cloud(
@@ -146,8 +156,10 @@ def start_cloud(
     env: dict[str, str] | None = None,
     http_port: int = 0,
     grpc_port: int = 0,
+    tls: bool = False,
+    enroll_port: int = 0,
 ) -> tuple[Child, dict[str, int]]:
-    """Start `fieldline cloud serve` and wait until it reports its ports."""
+    """Start `fieldline cloud serve` (with --tls: minted CA in DATA/tls) and wait for its ports."""
     ports_file = data_dir / "ports.json"
     if ports_file.exists():
         ports_file.unlink()  # a previous run's ports; wait for this run's
@@ -163,6 +175,7 @@ def start_cloud(
                 f"127.0.0.1:{http_port}",
                 "--grpc",
                 f"127.0.0.1:{grpc_port}",
+                *(["--tls", "--enroll", f"127.0.0.1:{enroll_port}"] if tls else []),
             ),
             data_dir.parent / f"{name}.log",
             env=env,

@@ -20,6 +20,11 @@ from fieldline.shared.config import CloudSettings
 from fieldline.shared.signing import load_or_create_key, public_key_bytes
 
 ADMIN_KEY_FILE = "admin.key"
+MIN_BOOTSTRAP_KEY_CHARS = 32
+
+
+class BootstrapKeyError(Exception):
+    """The bootstrap admin key file is missing, unreadable or too weak."""
 
 
 @dataclass
@@ -35,6 +40,9 @@ class CloudContext:
     rollouts: RolloutController
     # The admin key's secret when this start created it (printed once), else None.
     new_admin_key: str | None = None
+    # With TLS: the CA pin and enrollment port that tokens carry (shared/tls.py).
+    tls_pin: str | None = None
+    enroll_port: int | None = None
 
     @property
     def public_key(self) -> bytes:
@@ -65,6 +73,12 @@ def open_context(settings: CloudSettings) -> CloudContext:
         rollouts=RolloutController(db, desired, sessions, tick_s=settings.rollout_tick_s),
     )
     if auth_store.count_api_keys(db) == 0:
+        if settings.bootstrap_admin_key_file is not None:
+            secret = _bootstrap_key(settings.bootstrap_admin_key_file)
+            auth_store.create_api_key(
+                db, name="admin (bootstrap)", role=auth_store.Role.admin, secret=secret
+            )
+            return ctx  # the operator holds it already; nothing to print or write
         _, secret = auth_store.create_api_key(db, name="admin", role=auth_store.Role.admin)
         key_file = data / ADMIN_KEY_FILE
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -72,3 +86,18 @@ def open_context(settings: CloudSettings) -> CloudContext:
             f.write(secret + "\n")
         ctx.new_admin_key = secret
     return ctx
+
+
+def _bootstrap_key(path: Path) -> str:
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise BootstrapKeyError(
+            f"cannot read the bootstrap admin key {path}: {exc.strerror}"
+        ) from exc
+    if len(secret) < MIN_BOOTSTRAP_KEY_CHARS or any(c.isspace() for c in secret):
+        raise BootstrapKeyError(
+            f"the bootstrap admin key in {path} must be one word of {MIN_BOOTSTRAP_KEY_CHARS}+ "
+            "random characters (e.g. `openssl rand -hex 32`)"
+        )
+    return secret

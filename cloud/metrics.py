@@ -55,3 +55,9 @@ class CloudMetrics:
             ["route", "status"],
             registry=r,
         )
+        self.http_slow_clients = Counter(
+            "fieldline_cloud_http_slow_clients",
+            "HTTP connections closed for slow headers or a stalled body.",
+            ["reason"],
+            registry=r,
+        )

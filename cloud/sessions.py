@@ -16,6 +16,7 @@ class Session:
     queue: asyncio.Queue[pb.CloudMessage] = field(
         default_factory=lambda: asyncio.Queue(OUTGOING_QUEUE)
     )
+    revoked: bool = False  # set with an empty message: the stream ends with PERMISSION_DENIED
 
 
 class SessionRegistry:
@@ -24,6 +25,7 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._revoked: set[str] = set()  # nodes revoked while this cloud runs
 
     def open(self, node_id: str) -> Session:
         old = self._sessions.get(node_id)
@@ -66,3 +68,29 @@ class SessionRegistry:
             self.close(session)
             return False
         return True
+
+    def is_revoked(self, node_id: str) -> bool:
+        return node_id in self._revoked
+
+    def revoke(self, node_id: str) -> None:
+        """End the node's open tunnel at once (from any thread); later calls are refused."""
+        self._revoked.add(node_id)
+        if self.loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self._revoke_here(node_id)
+        else:
+            self.loop.call_soon_threadsafe(self._revoke_here, node_id)
+
+    def _revoke_here(self, node_id: str) -> None:
+        session = self._sessions.get(node_id)
+        if session is None:
+            return
+        session.revoked = True
+        if session.queue.full():  # make room: the stream is about to end anyway
+            session.queue.get_nowait()
+        session.queue.put_nowait(pb.CloudMessage())

@@ -22,9 +22,11 @@ from fieldline.edge.enroll import EnrollmentError, enroll
 from fieldline.edge.gateway_stack import GatewayStack, choose_llm
 from fieldline.edge.installer import ArtifactInstaller
 from fieldline.edge.local_rollback import LocalRollbackGuard
+from fieldline.edge.mqtt import MqttConfigError
 from fieldline.edge.reconciler import Reconciler
 from fieldline.edge.store import EdgeStore
 from fieldline.edge.tunnel import TunnelClient
+from fieldline.shared.clock import now_ms
 from fieldline.shared.config import EdgeSettings
 from fieldline.shared.logs import configure_logging
 from fieldline.shared.proto import tunnel_pb2 as pb
@@ -35,6 +37,7 @@ from fieldline.shared.schemas import (
     NodeInfo,
     ObservedState,
 )
+from fieldline.shared.sdnotify import Notifier, run_watchdog
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +49,17 @@ SYNC_TICK_S = 0.5  # how often the sync job checks whether the policy's interval
 
 class AgentError(Exception):
     """The agent cannot start (no credential and no token, enrollment refused, ...)."""
+
+
+def _read_token_file(settings: EdgeSettings) -> str | None:
+    if settings.token_file is None:
+        return None
+    try:
+        return settings.token_file.read_text().strip() or None
+    except OSError as exc:
+        raise AgentError(
+            f"cannot read the token file {settings.token_file}: {exc.strerror}"
+        ) from exc
 
 
 class EdgeAgent:
@@ -76,13 +90,22 @@ class EdgeAgent:
         node_info = NodeInfo.of_this_host(AGENT_VERSION)
         credential = store.credential()
         if credential is None:
-            if not (cloud and s.token):
+            token = s.token or _read_token_file(s)
+            if not (cloud and token):
                 raise AgentError(
                     f"{s.data_dir} holds no node credential: the first start needs "
                     "--cloud HOST:PORT and --token TOKEN"
                 )
             try:
-                credential = await enroll(store, cloud=cloud, token=s.token, node_info=node_info)
+                credential = await enroll(
+                    store,
+                    cloud=cloud,
+                    token=token,
+                    node_info=node_info,
+                    enroll_address=s.enroll,
+                    ca_file=s.cloud_ca_file,
+                    server_name=s.tls_server_name,
+                )
             except EnrollmentError as exc:
                 raise AgentError(str(exc)) from exc
             log.info("enrolled", node=credential.node_id, cloud=cloud)
@@ -100,8 +123,12 @@ class EdgeAgent:
             on_desired=self._on_desired,
             on_connected=self._on_connected,
             applied_generation=self._applied_generation,
+            tls=store.node_tls(),
         )
-        self.dataplane = dataplane = DataPlane(s, store, credential.node_id, tunnel.send)
+        try:
+            self.dataplane = dataplane = DataPlane(s, store, credential.node_id, tunnel.send)
+        except MqttConfigError as exc:
+            raise AgentError(str(exc)) from exc
         dataplane.start()
         self._cleanup.append(self._stop_dataplane)
         tunnel.on_records_ack = dataplane.on_records_ack
@@ -262,7 +289,8 @@ class EdgeAgent:
             self.reconciler.wake()
         health = json.dumps(self.health(), default=str)
         if self.store is not None:
-            self.store.set_meta(health=health)
+            # health_at lets `fieldline edge healthcheck` tell a live daemon from a stale file.
+            self.store.set_meta(health=health, health_at=str(now_ms()))
         if self.tunnel is not None:
             self.tunnel.heartbeat(health)
 
@@ -315,9 +343,17 @@ async def _run(settings: EdgeSettings) -> int:
         print(f"fieldline edge: {exc}", file=sys.stderr)
         await agent.stop()
         return EXIT_CONFIG
+    # systemd (Type=notify): ready once started; the watchdog pings come from this loop, so
+    # a wedged loop stops them and systemd restarts the daemon.
+    notifier = Notifier()
+    notifier.ready("edge agent running")
+    watchdog = asyncio.create_task(run_watchdog(notifier), name="watchdog")
     await stop.wait()
     log.info("edge agent stopping")
+    notifier.stopping()
+    watchdog.cancel()
     await agent.stop()
+    notifier.close()
     return EXIT_OK
 
 

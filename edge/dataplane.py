@@ -22,7 +22,7 @@ from fieldline.edge.outbox import NewRecord, Outbox, OutboxFull
 from fieldline.edge.store import EdgeStore
 from fieldline.edge.sync import OutboxSync
 from fieldline.shared.config import EdgeSettings
-from fieldline.shared.policy import InspectionRule, Policy
+from fieldline.shared.policy import InspectionRule, Policy, Retention
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.schemas import ArtifactKind, DesiredState, ModelHealth
 
@@ -58,7 +58,7 @@ class DataPlane:
                 on_inspect=self.inspection.on_inspect,
                 registry=self.registry,
             )
-        self.sync = OutboxSync(self.outbox, send, lambda: self.policy.retention)
+        self.sync = OutboxSync(self.outbox, send, self.retention)
         self._last_sync = 0.0
         self.verdicts_published = 0
         self.defects = 0
@@ -79,6 +79,17 @@ class DataPlane:
 
     # -- configuration -------------------------------------------------------------------------
 
+    def retention(self) -> Retention:
+        """The policy's retention within this gateway's own limits (settings.retention)."""
+        r, cap = self.policy.retention, self.settings.retention
+        return Retention(
+            max_rows=min(r.max_rows, cap.max_rows or r.max_rows),
+            max_bytes=min(r.max_bytes, cap.max_bytes or r.max_bytes),
+            keep_synced_s=min(
+                r.keep_synced_s, r.keep_synced_s if cap.keep_synced_s is None else cap.keep_synced_s
+            ),
+        )
+
     def apply(self, desired: DesiredState) -> None:
         """Run the desired state's policy on what is installed now (called after each reconcile)."""
         if desired.policy is not None:
@@ -87,7 +98,7 @@ class DataPlane:
             except ValidationError as exc:
                 log.error("policy in the desired state does not validate", error=str(exc)[:300])
                 return
-        self.outbox.set_retention(self.policy.retention)
+        self.outbox.set_retention(self.retention())
         if self.ingestor is not None:
             self.ingestor.apply_policy(self.policy)
         self.inspection.apply_policy(self.policy, self.installed_models())

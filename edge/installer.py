@@ -8,6 +8,7 @@ Layout under DATA/artifacts:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -115,7 +116,8 @@ class ArtifactInstaller:
         if have != m.size:
             part.unlink(missing_ok=True)
             raise InstallError(f"{m.ref}: size {have} differs from the manifest's {m.size}")
-        digest = sha256_of(part)
+        # Off the loop: hashing a large model takes seconds and would stall the watchdog.
+        digest = await asyncio.to_thread(sha256_of, part)
         if digest != m.sha256:
             part.unlink(missing_ok=True)
             raise InstallError(

@@ -120,6 +120,22 @@ class _BufferedClient(mqtt.Client):
         return rc
 
 
+def mqtt_password(settings: MqttSettings) -> str | None:
+    """The broker password: from password_file when given (a mounted secret), else inline."""
+    if settings.password_file is not None:
+        try:
+            return settings.password_file.read_text().strip()
+        except OSError as exc:
+            raise MqttConfigError(
+                f"cannot read the MQTT password file {settings.password_file}: {exc.strerror}"
+            ) from exc
+    return settings.password
+
+
+class MqttConfigError(Exception):
+    """MQTT settings that cannot be used (an unreadable password, certificate or key file)."""
+
+
 class _Metrics:
     def __init__(self, registry: CollectorRegistry):
         self.messages = Counter(
@@ -181,14 +197,19 @@ class MqttIngestor:
             manual_ack=True,
         )
         if settings.username:
-            self._client.username_pw_set(settings.username, settings.password)
-        if settings.tls or settings.ca_file:
-            self._client.tls_set(
-                ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                certfile=str(settings.cert_file) if settings.cert_file else None,
-                keyfile=str(settings.key_file) if settings.key_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            self._client.username_pw_set(settings.username, mqtt_password(settings))
+        if settings.tls or settings.ca_file or settings.cert_file:
+            try:
+                # Verified against ca_file (else the system's trust store), hostname included;
+                # a client certificate when cert_file/key_file are given.
+                self._client.tls_set(
+                    ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                    certfile=str(settings.cert_file) if settings.cert_file else None,
+                    keyfile=str(settings.key_file) if settings.key_file else None,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise MqttConfigError(f"MQTT TLS files cannot be loaded: {exc}") from exc
         self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect

@@ -125,8 +125,10 @@ def _decode_array(payload: bytes) -> np.ndarray:
     if not isinstance(data, list) or not data:
         raise PayloadError("array", "expected a non-empty JSON array or {'values': [...]}")
     try:
-        arr = np.asarray(data, dtype=np.float32)
-    except (ValueError, TypeError) as exc:
+        # Numbers beyond float32 become inf (refused below) without a warning per message.
+        with np.errstate(over="ignore"):
+            arr = np.asarray(data, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError) as exc:
         raise PayloadError("array", f"not a rectangular array of numbers: {exc}") from exc
     if arr.size > MAX_ARRAY_ELEMENTS:
         raise PayloadError("too_large", f"{arr.size} elements > {MAX_ARRAY_ELEMENTS}")

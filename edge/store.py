@@ -14,6 +14,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from fieldline.edge.identity import NodeTls
 from fieldline.shared.clock import utcnow
 from fieldline.shared.schemas import ArtifactState, DesiredState, LocalRollback, ObservedState
 
@@ -142,15 +143,36 @@ class EdgeStore:
             return None
         return Credential(node_id, secret, bytes.fromhex(key))
 
-    def save_credential(self, cred: Credential, *, cloud: str, labels: dict[str, str]) -> None:
-        self.set_meta(
-            node_id=cred.node_id,
-            node_secret=cred.secret,
-            cloud_key=cred.cloud_public_key.hex(),
-            cloud=cloud,
-            labels=json.dumps(labels),
-            enrolled_at=utcnow().isoformat(),
-        )
+    def save_credential(
+        self,
+        cred: Credential,
+        *,
+        cloud: str,
+        labels: dict[str, str],
+        tls: NodeTls | None = None,
+    ) -> None:
+        values = {
+            "node_id": cred.node_id,
+            "node_secret": cred.secret,
+            "cloud_key": cred.cloud_public_key.hex(),
+            "cloud": cloud,
+            "labels": json.dumps(labels),
+            "enrolled_at": utcnow().isoformat(),
+        }
+        if tls is not None:
+            values.update(
+                tls_ca=tls.ca_pem.decode(),
+                tls_cert=tls.cert_pem.decode(),
+                tls_key=tls.key_pem.decode(),
+            )
+        self.set_meta(**values)
+
+    def node_tls(self) -> NodeTls | None:
+        """The node's TLS identity from enrollment (None on a plain cloud)."""
+        ca, cert, key = self.get_meta("tls_ca"), self.get_meta("tls_cert"), self.get_meta("tls_key")
+        if not (ca and cert and key):
+            return None
+        return NodeTls(ca.encode(), cert.encode(), key.encode())
 
     # desired state
     def desired(self) -> DesiredState | None:

@@ -14,6 +14,7 @@ import grpc
 import structlog
 
 from fieldline.edge.backoff import Backoff
+from fieldline.edge.identity import NodeTls, channel_credentials, channel_options
 from fieldline.edge.store import Credential
 from fieldline.shared.clock import monotonic_ms, now_ms
 from fieldline.shared.config import EdgeSettings
@@ -40,6 +41,7 @@ class TunnelClient:
         on_desired: Callable[[pb.DesiredStatePush], Awaitable[None]],
         on_connected: Callable[[], Awaitable[None]] | None = None,
         applied_generation: Callable[[], int] = lambda: 0,
+        tls: NodeTls | None = None,
     ):
         self.settings = settings
         self.cloud = cloud
@@ -59,17 +61,23 @@ class TunnelClient:
         self._sent_at: dict[int, float] = {}
         self._stopping = asyncio.Event()
         keepalive_ms = int(settings.keepalive_s * 1000)
-        self._channel = grpc.aio.insecure_channel(
-            cloud,
-            options=[
-                ("grpc.keepalive_time_ms", keepalive_ms),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0),
-                ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                ("grpc.max_send_message_length", 16 * 1024 * 1024),
-            ],
-        )
+        options: list[tuple[str, int | str]] = [
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ]
+        self.tls = tls is not None
+        if tls is not None:  # mutual TLS: the cloud knows this node by its certificate
+            self._channel = grpc.aio.secure_channel(
+                cloud,
+                channel_credentials(tls.ca_pem, tls),
+                options=[*options, *channel_options(settings.tls_server_name)],
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(cloud, options=options)
         self._stub = pb_grpc.TunnelStub(self._channel)
         self._metadata = (("authorization", credential.bearer),)
 
@@ -80,6 +88,9 @@ class TunnelClient:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     log.error("the cloud refused this node's credential", details=exc.details())
+                elif exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    # Revoked: local work goes on; only a new enrollment brings the tunnel back.
+                    log.error("the cloud refused this node", details=exc.details())
                 else:
                     log.warning("tunnel down", code=exc.code().name, details=exc.details())
             except asyncio.CancelledError:

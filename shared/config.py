@@ -99,6 +99,27 @@ class CloudSettings(FieldlineSettings):
     log_level: str = "info"
     # How often the rollout controller looks at running rollouts.
     rollout_tick_s: float = Field(default=1.0, gt=0, le=60)
+    # TLS (docs/security.md): the admin API serves HTTPS, the tunnel requires client
+    # certificates, enrollment moves to its own server-authenticated TLS listener.
+    tls: bool = False
+    tls_cert_file: Path | None = None  # given server certificate (chain), instead of minting
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None  # the CA that signed tls_cert_file: what edges pin
+    tls_hostnames: list[str] = Field(default_factory=list)  # extra names for the minted cert
+    enroll_host: str | None = None  # default: grpc_host
+    enroll_port: int = Field(default=7444, ge=0, le=65535)
+    node_cert_days: int = Field(default=3650, ge=1)
+    # A key to make the first admin key from (a mounted secret) instead of a random one.
+    bootstrap_admin_key_file: Path | None = None
+    # Bounds on hostile clients (docs/security.md).
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    http_body_idle_timeout_s: float = Field(default=60.0, gt=0)
+    http_max_connections: int = Field(default=1000, ge=1)
+    grpc_max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    grpc_max_concurrent_rpcs: int = Field(default=10_000, ge=1)
+    enroll_rate_per_s: float = Field(default=1.0, gt=0)  # per client address
+    enroll_burst: int = Field(default=10, ge=1)
+    enroll_global_rate_per_s: float = Field(default=20.0, gt=0)
 
 
 class BackoffSettings(BaseModel):
@@ -134,6 +155,7 @@ class MqttSettings(BaseModel):
     client_id: str | None = None  # default: "fieldline-<node id>", fixed across restarts
     username: str | None = None
     password: str | None = None
+    password_file: Path | None = None  # read at start (a mounted secret); wins over password
     tls: bool = False
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -177,12 +199,28 @@ class GatewaySettings(BaseModel):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
 
 
+class RetentionLimits(BaseModel):
+    """This gateway's own upper bounds on the outbox, whatever the policy asks (its disk size
+    is known here, not in the cloud). None leaves the policy's value."""
+
+    max_rows: int | None = Field(default=None, ge=100)
+    max_bytes: int | None = Field(default=None, ge=64 * 1024)
+    keep_synced_s: float | None = Field(default=None, ge=0)
+
+
 class EdgeSettings(FieldlineSettings):
     """The edge daemon: `fieldline edge run`."""
 
     data_dir: Path = Path("./fieldline-edge")
     cloud: str | None = None  # HOST:PORT of the cloud's tunnel server
     token: str | None = None  # enrollment token, needed only on the first start
+    token_file: Path | None = None  # the token in a file (a mounted secret), if token is unset
+    # The cloud's CA, when the token carries no pin (else the pinned CA from enrollment is kept).
+    cloud_ca_file: Path | None = None
+    # Enrollment listener HOST:PORT; default: the cloud's host and the port the token names.
+    enroll: str | None = None
+    # The name the cloud's certificate must carry, when it differs from the host dialed.
+    tls_server_name: str | None = None
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     keepalive_s: float = Field(default=20.0, gt=0)
     reconnect: BackoffSettings = Field(default_factory=BackoffSettings)
@@ -192,3 +230,4 @@ class EdgeSettings(FieldlineSettings):
     mqtt: MqttSettings | None = None
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
+    retention: RetentionLimits = Field(default_factory=RetentionLimits)

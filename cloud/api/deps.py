@@ -48,6 +48,7 @@ def require(role: Role):  # type: ignore[no-untyped-def]
             )
         return key
 
+    check.required_role = role  # type: ignore[attr-defined]  # read by the role-matrix tests
     return check
 
 

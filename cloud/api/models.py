@@ -71,6 +71,8 @@ class NodePublic(BaseModel):
     health: dict[str, Any] = Field(default_factory=dict)
     node_info: dict[str, Any] = Field(default_factory=dict)
     synced_seq: int = 0
+    revoked_at: datetime | None = None  # a revoked node can no longer connect
+    tls: bool = False  # it holds a client certificate issued at enrollment
 
 
 class AssignmentCreate(BaseModel):

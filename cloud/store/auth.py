@@ -33,9 +33,12 @@ class TokenRefused(Exception):
     """An enrollment token that is unknown, used or expired; the message says which."""
 
 
-def create_api_key(db: Database, *, name: str, role: Role) -> tuple[ApiKey, str]:
-    """Create a key; returns it and its secret (shown once, stored hashed)."""
-    secret = f"flk_{new_secret()}"
+def create_api_key(
+    db: Database, *, name: str, role: Role, secret: str | None = None
+) -> tuple[ApiKey, str]:
+    """Create a key (random unless a secret is given); returns it and its secret (shown once,
+    stored hashed)."""
+    secret = secret or f"flk_{new_secret()}"
     key = ApiKey(id=new_id("key"), name=name, role=role)
     with db.write() as d:
         d["api_keys"].insert(

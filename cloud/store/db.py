@@ -131,6 +131,8 @@ CREATE INDEX IF NOT EXISTS node_pins_rollout ON node_pins (rollout_id);
 # Columns added after a table first shipped: (table, column, type). Added at open when missing.
 ADDED_COLUMNS = [
     ("nodes", "health_at", "TEXT"),
+    ("nodes", "cert_sha256", "TEXT"),  # the client certificate issued at enrollment (TLS)
+    ("nodes", "revoked_at", "TEXT"),
 ]
 
 

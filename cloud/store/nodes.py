@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +31,8 @@ class NodeRow:
     health: str | None  # the latest heartbeat's health summary (JSON)
     synced_seq: int
     health_at: datetime | None = None  # when that summary arrived
+    revoked_at: datetime | None = None
+    cert_sha256: str | None = None
 
 
 def _row(r: dict[str, Any]) -> NodeRow:
@@ -46,11 +49,19 @@ def _row(r: dict[str, Any]) -> NodeRow:
         health=r["health"],
         synced_seq=r["synced_seq"],
         health_at=datetime.fromisoformat(r["health_at"]) if r.get("health_at") else None,
+        revoked_at=datetime.fromisoformat(r["revoked_at"]) if r.get("revoked_at") else None,
+        cert_sha256=r.get("cert_sha256"),
     )
 
 
 def create_node(
-    db: Database, *, node_id: str, secret: str, labels: dict[str, str], node_info: dict[str, Any]
+    db: Database,
+    *,
+    node_id: str,
+    secret: str,
+    labels: dict[str, str],
+    node_info: dict[str, Any],
+    cert_sha256: str | None = None,
 ) -> None:
     with db.write() as d:
         d["nodes"].insert(
@@ -66,14 +77,61 @@ def create_node(
                 "applied_generation": 0,
                 "observed": None,
                 "synced_seq": 0,
+                "cert_sha256": cert_sha256,
+                "revoked_at": None,
             }
         )
 
 
 def authenticate_node(db: Database, *, node_id: str, secret: str) -> bool:
+    """The secret is this node's and the node is not revoked."""
     with db.read() as d:
-        rows = list(d["nodes"].rows_where("id = ?", [node_id], select="secret_hash"))
-    return bool(rows) and secret_matches(secret, rows[0]["secret_hash"])
+        rows = list(d["nodes"].rows_where("id = ?", [node_id], select="secret_hash, revoked_at"))
+    return (
+        bool(rows)
+        and rows[0]["revoked_at"] is None
+        and secret_matches(secret, rows[0]["secret_hash"])
+    )
+
+
+def check_secret(db: Database, *, node_id: str, secret: str) -> str:
+    """ "ok", "revoked" (the secret is right but the node was revoked) or "bad"."""
+    with db.read() as d:
+        rows = list(d["nodes"].rows_where("id = ?", [node_id], select="secret_hash, revoked_at"))
+    if not rows or not secret_matches(secret, rows[0]["secret_hash"]):
+        return "bad"
+    return "revoked" if rows[0]["revoked_at"] is not None else "ok"
+
+
+def certificate_matches(db: Database, *, node_id: str, cert_sha256: str) -> bool:
+    """The certificate is the one issued to this node at enrollment, and it is not revoked."""
+    with db.read() as d:
+        rows = list(d["nodes"].rows_where("id = ?", [node_id], select="cert_sha256, revoked_at"))
+    return (
+        bool(rows)
+        and rows[0]["revoked_at"] is None
+        and rows[0]["cert_sha256"] is not None
+        and hmac.compare_digest(rows[0]["cert_sha256"], cert_sha256)
+    )
+
+
+def revoke_node(db: Database, *, node_id: str) -> datetime:
+    """Mark the node revoked (idempotent); returns when it was revoked."""
+    with db.write() as d:
+        rows = list(d["nodes"].rows_where("id = ?", [node_id], select="revoked_at"))
+        if not rows:
+            raise NodeNotFound(node_id)
+        if rows[0]["revoked_at"]:
+            return datetime.fromisoformat(rows[0]["revoked_at"])
+        when = utcnow()
+        d["nodes"].update(node_id, {"revoked_at": when.isoformat()})
+    return when
+
+
+def is_revoked(db: Database, *, node_id: str) -> bool:
+    with db.read() as d:
+        rows = list(d["nodes"].rows_where("id = ?", [node_id], select="revoked_at"))
+    return bool(rows) and rows[0]["revoked_at"] is not None
 
 
 def get_node(db: Database, *, node_id: str) -> NodeRow:

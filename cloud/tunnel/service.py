@@ -1,35 +1,51 @@
 """The tunnel's gRPC services: enrollment, the control stream, artifact download.
 
-The node id always comes from the credential in the call metadata, never from a payload.
+The node id always comes from the caller's credential, never from a payload: with TLS from
+the client certificate (checked against the one the store recorded at enrollment), without
+TLS from the bearer credential in the call metadata.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from fieldline.cloud.blobs import BlobStore
 from fieldline.cloud.desired import DesiredStateService, assigned_sha256s, desired_json_for_node
 from fieldline.cloud.metrics import CloudMetrics
+from fieldline.cloud.pki import CertificateAuthority, PkiError
+from fieldline.cloud.ratelimit import RateLimiter, peer_address
 from fieldline.cloud.records import RecordIngestor
 from fieldline.cloud.sessions import SessionRegistry
 from fieldline.cloud.store import auth as auth_store
 from fieldline.cloud.store import nodes as node_store
 from fieldline.cloud.store.db import Database
+from fieldline.cloud.tunnel.limits import Oversize
 from fieldline.shared.clock import now_ms
 from fieldline.shared.ids import new_id, new_secret
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
 from fieldline.shared.schemas import NodeHealth, NodeInfo, ObservedState
+from fieldline.shared.tls import TokenFormatError, parse_token
 
 log = structlog.get_logger(__name__)
 
 MAX_JSON_CHARS = 1024 * 1024
+RATE_LIMIT_LOG_EVERY_S = 5.0  # under a flood, one log line per this many seconds
+
+
+class MessageTooLarge(Exception):
+    """An edge sent a message above the size limit; its stream ends with RESOURCE_EXHAUSTED."""
 
 
 def _node_info(text: str) -> NodeInfo:
@@ -38,50 +54,179 @@ def _node_info(text: str) -> NodeInfo:
     return NodeInfo.model_validate_json(text) if text else NodeInfo()
 
 
-async def authenticate(db: Database, context: grpc.aio.ServicerContext) -> str:
-    """Return the calling node's id or abort the call with UNAUTHENTICATED."""
+def _bearer(context: grpc.aio.ServicerContext) -> tuple[str, str] | None:
     md = dict(context.invocation_metadata() or ())
     value = md.get("authorization", "")
-    token = value[7:] if value.startswith("Bearer ") else ""
-    node_id, _, secret = token.partition(".")
-    if (
-        not node_id
-        or not secret
-        or not node_store.authenticate_node(db, node_id=node_id, secret=secret)
-    ):
+    if not isinstance(value, str) or not value.startswith("Bearer "):
+        return None
+    node_id, _, secret = value[7:].partition(".")
+    return (node_id, secret) if node_id and secret else None
+
+
+def _certificate_node(context: grpc.aio.ServicerContext) -> tuple[str, str] | None:
+    """(node id, certificate sha256) of the verified client certificate, if one was presented."""
+    pem = context.auth_context().get("x509_pem_cert")
+    if not pem:
+        return None
+    cert = x509.load_pem_x509_certificate(pem[0])
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        return None
+    der_sha = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+    return str(names[0].value), der_sha
+
+
+async def authenticate(
+    db: Database, context: grpc.aio.ServicerContext, *, tls: bool = False
+) -> str:
+    """Return the calling node's id or abort the call (UNAUTHENTICATED, or PERMISSION_DENIED
+    for a revoked node)."""
+    bearer = _bearer(context)
+    if tls:
+        # The TLS layer has verified the chain to our CA; the store decides whether this
+        # certificate is the node's current one.
+        found = _certificate_node(context)
+        if found is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "the tunnel requires the node's client certificate"
+            )
+        assert found is not None
+        node_id, cert_sha = found
+        if node_store.is_revoked(db, node_id=node_id):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {node_id} is revoked")
+        if not node_store.certificate_matches(db, node_id=node_id, cert_sha256=cert_sha):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "client certificate is not the one issued to this node",
+            )
+        if bearer is not None and (
+            bearer[0] != node_id
+            or not node_store.authenticate_node(db, node_id=bearer[0], secret=bearer[1])
+        ):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the node credential does not match the client certificate",
+            )
+        return node_id
+    # The secret is checked first, so only the node itself learns that it was revoked.
+    verdict = (
+        "bad"
+        if bearer is None
+        else node_store.check_secret(db, node_id=bearer[0], secret=bearer[1])
+    )
+    if verdict == "revoked":
+        assert bearer is not None
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {bearer[0]} is revoked")
+    if verdict != "ok":
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or wrong node credential")
-    return node_id
+    assert bearer is not None
+    return bearer[0]
 
 
 class EnrollmentService(pb_grpc.EnrollmentServicer):
-    def __init__(self, db: Database, public_key: bytes, metrics: CloudMetrics):
+    """Tokens become node credentials (and, with TLS, client certificates); rate-limited per
+    client address so a flood of attempts is refused cheaply and logged."""
+
+    def __init__(
+        self,
+        db: Database,
+        public_key: bytes,
+        metrics: CloudMetrics,
+        *,
+        limiter: RateLimiter | None = None,
+        ca: CertificateAuthority | None = None,
+        node_cert_days: int = 3650,
+    ):
         self.db = db
         self.public_key = public_key
         self.metrics = metrics
+        self.limiter = limiter
+        self.ca = ca
+        self.node_cert_days = node_cert_days
+        self._limited_since_log = 0
+        self._last_limit_log = 0.0
+
+    def _rate_limited(self, peer: str) -> bool:
+        if self.limiter is None or self.limiter.allow(peer):
+            return False
+        self.metrics.enrollments.labels("rate_limited").inc()
+        self._limited_since_log += 1
+        now = time.monotonic()
+        if now - self._last_limit_log >= RATE_LIMIT_LOG_EVERY_S:
+            log.warning(
+                "enrollment attempts rate-limited",
+                peer=peer,
+                refused=self._limited_since_log,
+                refused_total=self.limiter.refused,
+            )
+            self._limited_since_log = 0
+            self._last_limit_log = now
+        return True
 
     async def Enroll(
         self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> pb.EnrollResponse:
+        peer = peer_address(context.peer() or "")
+        if isinstance(request, Oversize):
+            self.metrics.enrollments.labels("oversize").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(request))
+        if self._rate_limited(peer):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many enrollment attempts; retry later"
+            )
         try:
             info = _node_info(request.node_info_json)
         except (ValidationError, ValueError):
             self.metrics.enrollments.labels("bad_request").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "node_info_json is not valid")
-        node_id = new_id("node")
         try:
-            labels = auth_store.consume_token(self.db, secret=request.token, node_id=node_id)
+            token = parse_token(request.token)
+        except TokenFormatError as exc:
+            self.metrics.enrollments.labels("refused").inc()
+            log.warning("enrollment refused", reason=str(exc), peer=peer)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        node_id = new_id("node")
+        cert_pem = b""
+        cert_sha: str | None = None
+        if self.ca is not None:
+            if not request.csr_pem:
+                self.metrics.enrollments.labels("bad_request").inc()
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "this cloud uses TLS: enrollment needs a certificate signing request",
+                )
+            try:
+                cert = self.ca.issue_node(request.csr_pem, node_id, days=self.node_cert_days)
+            except PkiError as exc:
+                self.metrics.enrollments.labels("bad_request").inc()
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            cert_pem = cert.public_bytes(Encoding.PEM)
+            cert_sha = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+        try:
+            labels = auth_store.consume_token(self.db, secret=token.secret, node_id=node_id)
         except auth_store.TokenRefused as exc:
             self.metrics.enrollments.labels("refused").inc()
-            log.warning("enrollment refused", reason=str(exc))
+            log.warning("enrollment refused", reason=str(exc), peer=peer)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         secret = new_secret()
         node_store.create_node(
-            self.db, node_id=node_id, secret=secret, labels=labels, node_info=info.model_dump()
+            self.db,
+            node_id=node_id,
+            secret=secret,
+            labels=labels,
+            node_info=info.model_dump(),
+            cert_sha256=cert_sha,
         )
         self.metrics.enrollments.labels("ok").inc()
-        log.info("node enrolled", node=node_id, labels=labels, hostname=info.hostname)
+        log.info(
+            "node enrolled", node=node_id, labels=labels, hostname=info.hostname, tls=bool(cert_pem)
+        )
         return pb.EnrollResponse(
-            node_id=node_id, node_secret=secret, cloud_public_key=self.public_key, labels=labels
+            node_id=node_id,
+            node_secret=secret,
+            cloud_public_key=self.public_key,
+            labels=labels,
+            client_cert_pem=cert_pem,
         )
 
 
@@ -95,7 +240,10 @@ class TunnelService(pb_grpc.TunnelServicer):
         records: RecordIngestor,
         metrics: CloudMetrics,
         chunk_bytes: int,
+        *,
+        tls: bool = False,
     ):
+        self.tls = tls
         self.db = db
         self.blobs = blobs
         self.sessions = sessions
@@ -107,7 +255,7 @@ class TunnelService(pb_grpc.TunnelServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[pb.EdgeMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CloudMessage]:
-        node_id = await authenticate(self.db, context)
+        node_id = await authenticate(self.db, context, tls=self.tls)
         session = self.sessions.open(node_id)
         self.metrics.tunnels.set(self.sessions.count())
         reader = asyncio.create_task(self._read(node_id, request_iterator, session.queue))
@@ -118,12 +266,23 @@ class TunnelService(pb_grpc.TunnelServicer):
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
-                    if not reader.cancelled() and reader.exception() is not None:
+                    failure = None if reader.cancelled() else reader.exception()
+                    if isinstance(failure, MessageTooLarge):
+                        log.warning(
+                            "tunnel closed: oversize message", node=node_id, error=str(failure)
+                        )
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(failure))
+                    if failure is not None:
                         self.metrics.tunnel_errors.labels("reader").inc()
-                        log.error("tunnel reader failed", node=node_id, exc_info=reader.exception())
+                        log.error("tunnel reader failed", node=node_id, exc_info=failure)
                     break  # the edge closed its side, or reading failed
                 msg = get.result()
                 if msg.WhichOneof("body") is None:
+                    if session.revoked:
+                        log.warning("tunnel closed: node revoked", node=node_id)
+                        await context.abort(
+                            grpc.StatusCode.PERMISSION_DENIED, f"node {node_id} is revoked"
+                        )
                     break  # replaced by a newer stream of the same node
                 yield msg
         finally:
@@ -143,6 +302,8 @@ class TunnelService(pb_grpc.TunnelServicer):
         out: asyncio.Queue[pb.CloudMessage],
     ) -> None:
         async for msg in requests:
+            if isinstance(msg, Oversize):  # never parsed (cloud/tunnel/limits.py)
+                raise MessageTooLarge(str(msg))
             kind = msg.WhichOneof("body")
             try:
                 replies = await self._handle(node_id, kind, msg)
@@ -198,7 +359,9 @@ class TunnelService(pb_grpc.TunnelServicer):
     async def FetchArtifact(
         self, request: pb.FetchArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ArtifactChunk]:
-        node_id = await authenticate(self.db, context)
+        node_id = await authenticate(self.db, context, tls=self.tls)
+        if isinstance(request, Oversize):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(request))
         if request.sha256 not in assigned_sha256s(desired_json_for_node(self.db, node_id)):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, "artifact is not assigned to this node"
@@ -214,6 +377,8 @@ class TunnelService(pb_grpc.TunnelServicer):
         for block in self.blobs.read_chunks(
             request.sha256, offset=offset, chunk_bytes=self.chunk_bytes
         ):
+            if self.sessions.is_revoked(node_id):
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {node_id} is revoked")
             yield pb.ArtifactChunk(offset=offset, data=block, total_size=total)
             self.metrics.bytes_sent.inc(len(block))
             offset += len(block)

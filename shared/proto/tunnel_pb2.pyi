@@ -7,15 +7,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("token", "node_info_json")
+    __slots__ = ("token", "node_info_json", "csr_pem")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NODE_INFO_JSON_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
     token: str
     node_info_json: str
-    def __init__(self, token: _Optional[str] = ..., node_info_json: _Optional[str] = ...) -> None: ...
+    csr_pem: bytes
+    def __init__(self, token: _Optional[str] = ..., node_info_json: _Optional[str] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("node_id", "node_secret", "cloud_public_key", "labels")
+    __slots__ = ("node_id", "node_secret", "cloud_public_key", "labels", "client_cert_pem")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -27,11 +29,13 @@ class EnrollResponse(_message.Message):
     NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
     CLOUD_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERT_PEM_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     node_secret: str
     cloud_public_key: bytes
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, node_id: _Optional[str] = ..., node_secret: _Optional[str] = ..., cloud_public_key: _Optional[bytes] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    client_cert_pem: bytes
+    def __init__(self, node_id: _Optional[str] = ..., node_secret: _Optional[str] = ..., cloud_public_key: _Optional[bytes] = ..., labels: _Optional[_Mapping[str, str]] = ..., client_cert_pem: _Optional[bytes] = ...) -> None: ...
 
 class EdgeMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "observed", "records")

@@ -268,3 +268,20 @@ def test_metrics_are_prometheus_text(cloud: Cloud) -> None:
     text = cloud.http.get("/metrics").text
     assert "fieldline_cloud_artifact_bytes_sent_total" in text
     assert "fieldline_cloud_enrollments_total" in text
+
+
+def test_revoked_node_is_refused_in_plain_mode_too(cloud: Cloud) -> None:
+    node = enroll(cloud.grpc_target, cloud.token("revoke=me"))
+    viewer = cloud.key("viewer")
+    r = cloud.http.post(f"/v1/nodes/{node.node_id}/revoke", headers=cloud.headers(viewer))
+    assert r.status_code == 403  # revocation needs the admin role
+    r = cloud.http.post(f"/v1/nodes/{node.node_id}/revoke", headers=cloud.headers())
+    assert r.status_code == 200 and r.json()["revoked_at"]
+    assert cloud.http.post("/v1/nodes/node_nope/revoke", headers=cloud.headers()).status_code == 404
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        fetch(cloud.grpc_target, "0" * 64, f"Bearer {node.node_id}.{node.node_secret}")
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Only the right secret learns that the node is revoked.
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        fetch(cloud.grpc_target, "0" * 64, f"Bearer {node.node_id}.wrong")
+    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED

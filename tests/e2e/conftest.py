@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,14 @@ from typing import Any
 import pytest
 
 from fieldline.cli.admin_client import AdminClient
-from fieldline.cli.processes import Child, ProcessStack, fieldline_cmd, start_cloud, start_edge
+from fieldline.cli.processes import (
+    Child,
+    ProcessStack,
+    cloud_url,
+    fieldline_cmd,
+    start_cloud,
+    start_edge,
+)
 
 # Short reconnect backoff so tests see reconnection within seconds.
 EDGE_ENV = {
@@ -73,19 +81,32 @@ class Fleet:
     ports: dict[str, int] = field(default_factory=dict)
     key: str = ""
     edges: dict[str, Child] = field(default_factory=dict)
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['http']}"
+        return cloud_url(self.root / "cloud", self.ports)
+
+    @property
+    def ca_file(self) -> str | None:
+        """The cloud's CA certificate when it runs with TLS (what the admin client trusts)."""
+        return str(self.root / "cloud" / "tls" / "ca.crt") if self.tls else None
 
     def admin(self) -> AdminClient:
-        return AdminClient(self.url, self.key)
+        return AdminClient(self.url, self.key, ca_file=self.ca_file)
 
     def start_cloud(self, *, same_ports: bool = False) -> None:
         http = self.ports.get("http", 0) if same_ports else 0
         grpc = self.ports.get("grpc", 0) if same_ports else 0
+        enroll = self.ports.get("enroll", 0) if same_ports else 0
         self.cloud, self.ports = start_cloud(
-            self.stack, self.root / "cloud", env=CLOUD_ENV, http_port=http, grpc_port=grpc
+            self.stack,
+            self.root / "cloud",
+            env=CLOUD_ENV,
+            http_port=http,
+            grpc_port=grpc,
+            tls=self.tls,
+            enroll_port=enroll,
         )
         self.key = (self.root / "cloud" / "admin.key").read_text().strip()
 
@@ -110,7 +131,8 @@ class Fleet:
     def metric(self, name: str) -> float:
         import httpx
 
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        verify = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
+        text = httpx.get(f"{self.url}/metrics", timeout=10, verify=verify).text
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name) and not line.startswith("#"):
@@ -122,5 +144,14 @@ class Fleet:
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     with ProcessStack() as stack:
         f = Fleet(root=tmp_path, stack=stack)
+        f.start_cloud()
+        yield f
+
+
+@pytest.fixture
+def tls_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """A cloud with --tls (minted CA): HTTPS admin API, mutual-TLS tunnel, TLS enrollment."""
+    with ProcessStack() as stack:
+        f = Fleet(root=tmp_path, stack=stack, tls=True)
         f.start_cloud()
         yield f

@@ -32,7 +32,8 @@ def free_port() -> int:
 
 
 class MosquittoBroker:
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, listener: list[str] | None = None):
+        """`listener`: extra lines for the listener (TLS files, auth), replacing anonymous access."""
         self.workdir = workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -45,7 +46,7 @@ class MosquittoBroker:
                     f"listener {self.port} 127.0.0.1",
                     # As root, mosquitto drops to user "mosquitto", which cannot write here.
                     f"user {getpass.getuser()}",
-                    "allow_anonymous true",
+                    *(listener or ["allow_anonymous true"]),
                     "set_tcp_nodelay true",
                     "max_inflight_messages 1000",
                     "max_queued_messages 1000000",

@@ -2,15 +2,17 @@
 
 import json
 
+import structlog
 from fastapi import APIRouter, HTTPException
 
-from fieldline.cloud.api.deps import ContextDep, OperatorKey, ViewerKey
+from fieldline.cloud.api.deps import AdminKey, ContextDep, OperatorKey, ViewerKey
 from fieldline.cloud.api.models import LabelsUpdate, NodePublic
 from fieldline.cloud.context import CloudContext
 from fieldline.cloud.store import nodes as node_store
 from fieldline.shared.schemas import ObservedState
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
+log = structlog.get_logger(__name__)
 
 
 def node_public(ctx: CloudContext, node: node_store.NodeRow) -> NodePublic:
@@ -29,6 +31,8 @@ def node_public(ctx: CloudContext, node: node_store.NodeRow) -> NodePublic:
         health=json.loads(node.health) if node.health else (observed.health if observed else {}),
         node_info=node.node_info,
         synced_seq=node.synced_seq,
+        revoked_at=node.revoked_at,
+        tls=node.cert_sha256 is not None,
     )
 
 
@@ -52,4 +56,16 @@ def set_labels(node_id: str, body: LabelsUpdate, ctx: ContextDep, _: OperatorKey
     except node_store.NodeNotFound:
         raise HTTPException(404, f"node {node_id} not found") from None
     ctx.desired.refresh(node_id)
+    return node_public(ctx, node_store.get_node(ctx.db, node_id=node_id))
+
+
+@router.post("/{node_id}/revoke")
+def revoke_node(node_id: str, ctx: ContextDep, key: AdminKey) -> NodePublic:
+    """Refuse the node from now on (credential and certificate) and close its open tunnel."""
+    try:
+        node_store.revoke_node(ctx.db, node_id=node_id)
+    except node_store.NodeNotFound:
+        raise HTTPException(404, f"node {node_id} not found") from None
+    ctx.sessions.revoke(node_id)
+    log.warning("node revoked", node=node_id, by=key.id)
     return node_public(ctx, node_store.get_node(ctx.db, node_id=node_id))

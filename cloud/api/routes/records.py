@@ -14,13 +14,14 @@ from fieldline.cloud.store import records as record_store
 
 router = APIRouter(prefix="/v1/records", tags=["records"])
 MAX_LIMIT = 1000
+MAX_INT64 = 2**63 - 1  # SQLite's INTEGER range; larger numbers are refused with 422
 
 
 def _cursor(text: str | None) -> tuple[str, int] | None:
     if not text:
         return None
     node, sep, seq = text.rpartition(":")
-    if not sep or not seq.isdigit():
+    if not sep or not seq.isdigit() or int(seq) > MAX_INT64:
         raise HTTPException(422, "cursor must be the next_cursor of a previous page")
     return node, int(seq)
 
@@ -49,8 +50,8 @@ def list_records(
     node: str | None = None,
     kind: Annotated[str | None, Query(pattern="^(telemetry|verdict|event)$")] = None,
     topic: str | None = None,
-    since_ms: int | None = None,
-    until_ms: int | None = None,
+    since_ms: Annotated[int | None, Query(ge=-MAX_INT64, le=MAX_INT64)] = None,
+    until_ms: Annotated[int | None, Query(ge=-MAX_INT64, le=MAX_INT64)] = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
 ) -> RecordPage:
