@@ -61,6 +61,21 @@ def parse_labels(text: str) -> dict[str, str]:
     return validate_labels(labels)
 
 
+def coerce_labels(value: Any) -> dict[str, str]:
+    """Labels or a selector given as "k=v,k2=v2" or as an object of strings, checked; any
+    problem is a ValueError (a pydantic field validator turns it into a 422)."""
+    try:
+        if isinstance(value, str):
+            return parse_labels(value)
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            return validate_labels(value)
+    except LabelError as exc:
+        raise ValueError(str(exc)) from exc
+    raise ValueError('expected "k=v,..." or an object of strings')
+
+
 def selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     """True when every key=value of the selector is among the labels (empty matches all)."""
     return all(labels.get(k) == v for k, v in selector.items())

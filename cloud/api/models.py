@@ -8,21 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from fieldline.cloud.store.auth import Role
-from fieldline.shared.schemas import LabelError, parse_labels, validate_labels
-
-
-def _labels_any(value: Any) -> dict[str, str]:
-    """Labels given as "k=v,k2=v2" or as an object; a LabelError becomes a 422."""
-    try:
-        if isinstance(value, str):
-            return parse_labels(value)
-        if isinstance(value, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            return validate_labels(value)
-    except LabelError as exc:
-        raise ValueError(str(exc)) from exc
-    raise ValueError('labels must be "k=v,..." or an object of strings')
+from fieldline.shared.schemas import coerce_labels
 
 
 class KeyCreate(BaseModel):
@@ -41,7 +27,7 @@ class TokenCreate(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     ttl_s: int | None = Field(default=None, ge=1, le=365 * 24 * 3600)
 
-    _labels = field_validator("labels", mode="before")(_labels_any)
+    _labels = field_validator("labels", mode="before")(coerce_labels)
 
 
 class TokenCreated(BaseModel):
@@ -54,7 +40,7 @@ class TokenCreated(BaseModel):
 class LabelsUpdate(BaseModel):
     labels: dict[str, str]
 
-    _labels = field_validator("labels", mode="before")(_labels_any)
+    _labels = field_validator("labels", mode="before")(coerce_labels)
 
 
 class NodePublic(BaseModel):
@@ -79,7 +65,7 @@ class AssignmentCreate(BaseModel):
     artifact: str = Field(description="NAME@VERSION", max_length=300)
     selector: dict[str, str]
 
-    _selector = field_validator("selector", mode="before")(_labels_any)
+    _selector = field_validator("selector", mode="before")(coerce_labels)
 
     @field_validator("artifact")
     @classmethod
@@ -101,7 +87,7 @@ class PolicyApply(BaseModel):
     policy: dict[str, Any]
     selector: dict[str, str]
 
-    _selector = field_validator("selector", mode="before")(_labels_any)
+    _selector = field_validator("selector", mode="before")(coerce_labels)
 
 
 class PolicyApplied(BaseModel):

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fieldline.shared.policy import Policy
-from fieldline.shared.schemas import LabelError, parse_labels, validate_labels
+from fieldline.shared.schemas import coerce_labels
 
 MAX_WAVES = 20
 DEFAULT_WAVES = "1,10%,50%,100%"
@@ -113,19 +113,7 @@ class RolloutSpec(BaseModel):
     offline_timeout_s: float = Field(default=DEFAULT_OFFLINE_TIMEOUT_S, gt=0, le=30 * 24 * 3600)
     apply_timeout_s: float = Field(default=DEFAULT_APPLY_TIMEOUT_S, gt=0, le=30 * 24 * 3600)
 
-    @field_validator("selector", mode="before")
-    @classmethod
-    def _selector(cls, v: Any) -> dict[str, str]:
-        try:
-            if isinstance(v, str):
-                return parse_labels(v)
-            if isinstance(v, dict) and all(
-                isinstance(k, str) and isinstance(x, str) for k, x in v.items()
-            ):
-                return validate_labels(v)
-        except LabelError as exc:
-            raise ValueError(str(exc)) from exc
-        raise ValueError('selector must be "k=v,..." or an object of strings')
+    _selector = field_validator("selector", mode="before")(coerce_labels)
 
     @field_validator("waves", mode="before")
     @classmethod

@@ -137,34 +137,33 @@ def get_rollout(rollout_id: str, ctx: ContextDep, _: ViewerKey) -> RolloutPublic
     return _one(ctx, rollout_id)
 
 
+def _act(
+    ctx: CloudContext, rollout_id: str, key: ApiKey, body: RolloutAction | None, verb: str
+) -> RolloutPublic:
+    """Run controller.<verb> (pause, resume, abort) and answer the rollout as it now stands."""
+    try:
+        getattr(ctx.rollouts, verb)(rollout_id, _actor(key), body.reason if body else "")
+    except RolloutRefused as exc:
+        raise _refused(exc) from None
+    return _one(ctx, rollout_id)
+
+
 @router.post("/{rollout_id}/pause")
 def pause_rollout(
     rollout_id: str, ctx: ContextDep, key: OperatorKey, body: RolloutAction | None = None
 ) -> RolloutPublic:
-    try:
-        ctx.rollouts.pause(rollout_id, _actor(key), body.reason if body else "")
-    except RolloutRefused as exc:
-        raise _refused(exc) from None
-    return _one(ctx, rollout_id)
+    return _act(ctx, rollout_id, key, body, "pause")
 
 
 @router.post("/{rollout_id}/resume")
 def resume_rollout(
     rollout_id: str, ctx: ContextDep, key: OperatorKey, body: RolloutAction | None = None
 ) -> RolloutPublic:
-    try:
-        ctx.rollouts.resume(rollout_id, _actor(key), body.reason if body else "")
-    except RolloutRefused as exc:
-        raise _refused(exc) from None
-    return _one(ctx, rollout_id)
+    return _act(ctx, rollout_id, key, body, "resume")
 
 
 @router.post("/{rollout_id}/abort")
 def abort_rollout(
     rollout_id: str, ctx: ContextDep, key: OperatorKey, body: RolloutAction | None = None
 ) -> RolloutPublic:
-    try:
-        ctx.rollouts.abort(rollout_id, _actor(key), body.reason if body else "")
-    except RolloutRefused as exc:
-        raise _refused(exc) from None
-    return _one(ctx, rollout_id)
+    return _act(ctx, rollout_id, key, body, "abort")
