@@ -9,7 +9,9 @@ import socket
 from pathlib import Path
 
 import grpc
+import structlog
 
+from fieldline.edge.backoff import Backoff
 from fieldline.edge.identity import (
     NodeTls,
     PinError,
@@ -21,12 +23,20 @@ from fieldline.edge.identity import (
     new_key_and_csr,
 )
 from fieldline.edge.store import Credential, EdgeStore
+from fieldline.shared.config import BackoffSettings
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
 from fieldline.shared.schemas import NodeInfo
 from fieldline.shared.tls import TokenFormatError, parse_token
 
+log = structlog.get_logger(__name__)
+
 ENROLL_TIMEOUT_S = 30.0
+# A cloud that rate-limits enrollment (many gateways behind one address, all installed at once)
+# answers RESOURCE_EXHAUSTED before it looks at the token, so the same token is tried again with
+# jittered backoff for up to this long.
+RATE_LIMITED_RETRY_S = 600.0
+RATE_LIMITED_BACKOFF = BackoffSettings(initial_s=1.0, max_s=30.0)
 
 
 class EnrollmentError(Exception):
@@ -92,14 +102,7 @@ async def enroll(
         else grpc.aio.insecure_channel(target)
     )
     async with channel:
-        try:
-            resp = await pb_grpc.EnrollmentStub(channel).Enroll(request, timeout=ENROLL_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise EnrollmentError(
-                    f"cannot reach the cloud at {target}: {exc.details()}"
-                ) from exc
-            raise EnrollmentError(f"enrollment refused: {exc.details()}") from exc
+        resp = await _enroll_call(pb_grpc.EnrollmentStub(channel), request, target)
     if len(resp.cloud_public_key) != 32:
         raise EnrollmentError("the cloud sent a public key that is not a raw Ed25519 key")
     tls: NodeTls | None = None
@@ -111,3 +114,28 @@ async def enroll(
     cred = Credential(resp.node_id, resp.node_secret, bytes(resp.cloud_public_key))
     store.save_credential(cred, cloud=cloud, labels=dict(resp.labels), tls=tls)
     return cred
+
+
+async def _enroll_call(
+    stub: pb_grpc.EnrollmentStub, request: pb.EnrollRequest, target: str
+) -> pb.EnrollResponse:
+    """One Enroll call, tried again while the cloud says it is rate-limiting (the token is not
+    spent by a rate-limited attempt)."""
+    backoff = Backoff(RATE_LIMITED_BACKOFF)
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + RATE_LIMITED_RETRY_S
+    while True:
+        try:
+            return await stub.Enroll(request, timeout=ENROLL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and loop.time() < give_up_at:
+                delay = backoff.next_delay()
+                log.warning("enrollment rate-limited by the cloud; trying again", in_s=delay)
+                await asyncio.sleep(delay)
+                continue
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise EnrollmentError(
+                    f"cannot reach the cloud at {target}: {exc.details()}"
+                ) from exc
+            raise EnrollmentError(f"enrollment refused: {exc.details()}") from exc

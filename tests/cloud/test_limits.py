@@ -197,7 +197,9 @@ def test_stalled_upload_body_is_cut_off_and_leaves_nothing(cloud: Cloud) -> None
     assert all(a["name"] != "stall" for a in r.json())
 
 
-def test_enrollment_flood_is_rate_limited(cloud: Cloud) -> None:
+def test_enrollment_flood_is_rate_limited(
+    cloud: Cloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     time.sleep(ENROLL_BURST + 0.5)  # a full bucket
 
     async def flood() -> list[grpc.StatusCode]:
@@ -228,5 +230,20 @@ def test_enrollment_flood_is_rate_limited(cloud: Cloud) -> None:
     after = cloud.metric("fieldline_cloud_enrollments_total", 'result="rate_limited"')
     assert after - before == limited
     assert "enrollment attempts rate-limited" in cloud.log()
-    time.sleep(1.5)  # the bucket refills: a real node enrolls
-    assert _enroll(cloud.grpc, cloud.token()).node_id.startswith("node_")
+    # Right after the flood the bucket is empty: a real edge is turned away too, waits (its
+    # token is not spent by a refused attempt) and enrolls once the bucket refills.
+    from fieldline.edge import enroll as edge_enroll
+    from fieldline.edge.store import EdgeStore
+    from fieldline.shared.config import BackoffSettings
+    from fieldline.shared.schemas import NodeInfo
+
+    monkeypatch.setattr(edge_enroll, "RATE_LIMITED_BACKOFF", BackoffSettings(initial_s=0.3))
+    store = EdgeStore(tmp_path / "edge")
+    try:
+        cred = asyncio.run(
+            edge_enroll.enroll(store, cloud=cloud.grpc, token=cloud.token(), node_info=NodeInfo())
+        )
+    finally:
+        store.close()
+    assert cred.node_id.startswith("node_")
+    assert cloud.metric("fieldline_cloud_enrollments_total", 'result="rate_limited"') > after
