@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 import structlog
@@ -41,7 +42,8 @@ from fieldline.shared.tls import TokenFormatError, parse_token
 log = structlog.get_logger(__name__)
 
 MAX_JSON_CHARS = 1024 * 1024
-RATE_LIMIT_LOG_EVERY_S = 5.0  # under a flood, one log line per this many seconds
+RATE_LIMIT_LOG_EVERY_S = 5.0
+REFUSAL_READ_S = 2.0  # how long a refused tunnel waits for the edge's first message  # under a flood, one log line per this many seconds
 
 
 class MessageTooLarge(Exception):
@@ -76,26 +78,33 @@ def _certificate_node(context: grpc.aio.ServicerContext) -> tuple[str, str] | No
     return str(names[0].value), der_sha
 
 
-async def authenticate(
+@dataclass(frozen=True)
+class Refusal:
+    """Why a call is refused: the status and details it ends with."""
+
+    code: grpc.StatusCode
+    details: str
+
+
+def identify(
     db: Database, context: grpc.aio.ServicerContext, *, tls: bool = False
-) -> str:
-    """Return the calling node's id or abort the call (UNAUTHENTICATED, or PERMISSION_DENIED
-    for a revoked node)."""
+) -> str | Refusal:
+    """The calling node's id, or why it is refused (UNAUTHENTICATED, or PERMISSION_DENIED for
+    a revoked node)."""
     bearer = _bearer(context)
     if tls:
         # The TLS layer has verified the chain to our CA; the store decides whether this
         # certificate is the node's current one.
         found = _certificate_node(context)
         if found is None:
-            await context.abort(
+            return Refusal(
                 grpc.StatusCode.UNAUTHENTICATED, "the tunnel requires the node's client certificate"
             )
-        assert found is not None
         node_id, cert_sha = found
         if node_store.is_revoked(db, node_id=node_id):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {node_id} is revoked")
+            return Refusal(grpc.StatusCode.PERMISSION_DENIED, f"node {node_id} is revoked")
         if not node_store.certificate_matches(db, node_id=node_id, cert_sha256=cert_sha):
-            await context.abort(
+            return Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "client certificate is not the one issued to this node",
             )
@@ -103,7 +112,7 @@ async def authenticate(
             bearer[0] != node_id
             or not node_store.authenticate_node(db, node_id=bearer[0], secret=bearer[1])
         ):
-            await context.abort(
+            return Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "the node credential does not match the client certificate",
             )
@@ -116,11 +125,22 @@ async def authenticate(
     )
     if verdict == "revoked":
         assert bearer is not None
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {bearer[0]} is revoked")
+        return Refusal(grpc.StatusCode.PERMISSION_DENIED, f"node {bearer[0]} is revoked")
     if verdict != "ok":
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or wrong node credential")
+        return Refusal(grpc.StatusCode.UNAUTHENTICATED, "unknown or wrong node credential")
     assert bearer is not None
     return bearer[0]
+
+
+async def authenticate(
+    db: Database, context: grpc.aio.ServicerContext, *, tls: bool = False
+) -> str:
+    """Return the calling node's id or abort the call with identify()'s refusal."""
+    found = identify(db, context, tls=tls)
+    if isinstance(found, Refusal):
+        await context.abort(found.code, found.details)
+    assert isinstance(found, str)
+    return found
 
 
 class EnrollmentService(pb_grpc.EnrollmentServicer):
@@ -255,7 +275,16 @@ class TunnelService(pb_grpc.TunnelServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[pb.EdgeMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CloudMessage]:
-        node_id = await authenticate(self.db, context, tls=self.tls)
+        found = identify(self.db, context, tls=self.tls)
+        if isinstance(found, Refusal):
+            # Take the edge's first message (its Hello) before refusing: a refusal that
+            # overtakes that write reaches the edge as a failed send (INTERNAL) instead of
+            # UNAUTHENTICATED or PERMISSION_DENIED, which the edge logs and handles differently.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(anext(aiter(request_iterator)), REFUSAL_READ_S)
+            await context.abort(found.code, found.details)
+        assert isinstance(found, str)
+        node_id = found
         session = self.sessions.open(node_id)
         self.metrics.tunnels.set(self.sessions.count())
         reader = asyncio.create_task(self._read(node_id, request_iterator, session.queue))
