@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from fieldline.cli.admin_client import AdminClient
-from fieldline.cli.processes import ProcessStack, start_cloud
+from fieldline.cli.harness.processes import ProcessStack, start_cloud
 
 CLIENT = Path(__file__).resolve().with_name("_fleet_client.py")
 CONNECT_TIMEOUT_S = 600.0

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 import httpx
 import torch
 
-from fieldline.cli.demo_llm import write_demo_llm
-from fieldline.edge.gateway_stack import GatewayStack, LLMChoice
+from fieldline.cli.harness.tiny_llm import write_demo_llm
+from fieldline.edge.llm.services import GatewayStack, LLMChoice
 from fieldline.shared.config import GatewaySettings, LLMSettings
 from fieldline.shared.logs import configure_logging
 from fieldline.shared.policy import Policy

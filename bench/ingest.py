@@ -92,8 +92,8 @@ def publish(port: int, n: int, topic: str, ready: mp.Event) -> None:  # type: ig
 
 
 def ingest_rate(port: int, n: int, batch_max: int, data_dir: Path) -> float:
-    from fieldline.edge.mqtt import MqttIngestor
-    from fieldline.edge.outbox import Outbox
+    from fieldline.edge.ingest.mqtt import MqttIngestor
+    from fieldline.edge.ingest.outbox import Outbox
     from fieldline.shared.config import MqttSettings
     from fieldline.shared.policy import Policy, Subscription
 
@@ -137,8 +137,8 @@ async def _sync_rate(n: int, batch: int, work: Path) -> float:
 
     from fieldline.cloud.server import CloudServer
     from fieldline.cloud.store import auth as auth_store
-    from fieldline.edge.outbox import NewRecord, Outbox
-    from fieldline.edge.sync import OutboxSync
+    from fieldline.edge.ingest.outbox import NewRecord, Outbox
+    from fieldline.edge.ingest.sync import OutboxSync
     from fieldline.shared.config import CloudSettings
     from fieldline.shared.policy import Retention
     from fieldline.shared.proto import tunnel_pb2 as pb
@@ -177,7 +177,7 @@ async def _sync_rate(n: int, batch: int, work: Path) -> float:
                     await sync.on_ack(msg.records_ack.high_water_seq)
 
         reader = asyncio.create_task(acks())
-        import fieldline.edge.sync as sync_mod
+        import fieldline.edge.ingest.sync as sync_mod
 
         sync_mod.BATCH_RECORDS = batch
         await asyncio.sleep(0.3)
@@ -209,7 +209,7 @@ def main() -> None:
     from fieldline.shared.logs import configure_logging
 
     configure_logging("warning")  # logs to stderr: stdout carries only the JSON lines
-    from tests.support.mosquitto import MosquittoBroker
+    from fieldline.cli.harness.mosquitto import MosquittoBroker
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -24,9 +24,9 @@ import numpy as np
 import onnxruntime as ort
 from prometheus_client import CollectorRegistry
 
-from fieldline.cli.demo_classifier import INPUT_NAME, make_frame, train_classifier
-from fieldline.cloud.quantize import quantize_onnx
-from fieldline.edge.inspection import InspectionRuntime
+from fieldline.cli.harness.classifier import INPUT_NAME, make_frame, train_classifier
+from fieldline.cloud.artifacts.quantize import quantize_onnx
+from fieldline.edge.inspection.runtime import InspectionRuntime
 from fieldline.shared.config import InspectionSettings
 from fieldline.shared.logs import configure_logging
 from fieldline.shared.policy import InspectionRule, Policy

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import typer
 
-from fieldline.cli import admin_cmds, daemon_cmds, engine_cmds, rollout_cmds
+from fieldline.cli.commands import admin as admin_cmds
+from fieldline.cli.commands import daemons as daemon_cmds
+from fieldline.cli.commands import engine as engine_cmds
+from fieldline.cli.commands import rollout as rollout_cmds
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -34,7 +37,7 @@ def demo(
     workdir: str = typer.Option("", help="Keep the demo's files here (default: a temp dir)."),
 ) -> None:
     """Run a whole local stack: a cloud and two edges, an artifact rolled out by label."""
-    from fieldline.cli.demo import run_demo
+    from fieldline.cli.demo.run import run_demo
 
     raise typer.Exit(run_demo(duration=duration, workdir=workdir or None))
 

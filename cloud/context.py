@@ -8,14 +8,14 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fieldline.cloud.blobs import BlobStore
+from fieldline.cloud.artifacts.blobs import BlobStore
 from fieldline.cloud.desired import DesiredStateService
 from fieldline.cloud.metrics import CloudMetrics
-from fieldline.cloud.records import RecordIngestor
 from fieldline.cloud.rollouts.controller import RolloutController
-from fieldline.cloud.sessions import SessionRegistry
 from fieldline.cloud.store import auth as auth_store
 from fieldline.cloud.store.db import Database
+from fieldline.cloud.tunnel.records import RecordIngestor
+from fieldline.cloud.tunnel.sessions import SessionRegistry
 from fieldline.shared.config import CloudSettings
 from fieldline.shared.signing import load_or_create_key, public_key_bytes
 

@@ -13,12 +13,12 @@ from typing import Any
 import structlog
 
 from fieldline.cloud.metrics import CloudMetrics
-from fieldline.cloud.sessions import SessionRegistry
 from fieldline.cloud.store import artifacts as artifact_store
 from fieldline.cloud.store import nodes as node_store
 from fieldline.cloud.store import policies as policy_store
 from fieldline.cloud.store import rollouts as rollout_store
 from fieldline.cloud.store.db import Database
+from fieldline.cloud.tunnel.sessions import SessionRegistry
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.schemas import DesiredState, SignedManifest, selector_matches
 

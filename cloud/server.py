@@ -16,11 +16,11 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fieldline.cloud.api.app import create_app
+from fieldline.cloud.api.http_guard import guarded_protocol
 from fieldline.cloud.context import BootstrapKeyError, CloudContext, open_context
-from fieldline.cloud.http_guard import guarded_protocol
 from fieldline.cloud.pki import PkiError, TlsMaterial, load_tls
-from fieldline.cloud.ratelimit import RateLimiter
 from fieldline.cloud.tunnel.limits import HARD_FACTOR, MessageLimitInterceptor
+from fieldline.cloud.tunnel.ratelimit import RateLimiter
 from fieldline.cloud.tunnel.service import EnrollmentService, TunnelService
 from fieldline.shared.config import CloudSettings
 from fieldline.shared.logs import configure_logging

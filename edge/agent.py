@@ -17,15 +17,15 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pydantic import ValidationError
 
-from fieldline.edge.dataplane import DataPlane
-from fieldline.edge.enroll import EnrollmentError, enroll
-from fieldline.edge.gateway_stack import GatewayStack, choose_llm
-from fieldline.edge.installer import ArtifactInstaller
-from fieldline.edge.local_rollback import LocalRollbackGuard
-from fieldline.edge.mqtt import MqttConfigError
-from fieldline.edge.reconciler import Reconciler
+from fieldline.edge.control.enroll import EnrollmentError, enroll
+from fieldline.edge.control.installer import ArtifactInstaller
+from fieldline.edge.control.local_rollback import LocalRollbackGuard
+from fieldline.edge.control.reconciler import Reconciler
+from fieldline.edge.control.tunnel import TunnelClient
+from fieldline.edge.ingest.dataplane import DataPlane
+from fieldline.edge.ingest.mqtt import MqttConfigError
+from fieldline.edge.llm.services import GatewayStack, choose_llm
 from fieldline.edge.store import EdgeStore
-from fieldline.edge.tunnel import TunnelClient
 from fieldline.shared.clock import now_ms
 from fieldline.shared.config import EdgeSettings
 from fieldline.shared.logs import configure_logging

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from fieldline.edge.identity import NodeTls
+from fieldline.edge.control.identity import NodeTls
 from fieldline.shared.clock import utcnow
 from fieldline.shared.schemas import ArtifactState, DesiredState, LocalRollback, ObservedState
 

@@ -130,7 +130,7 @@ class BackoffSettings(BaseModel):
 
 
 class InspectionSettings(BaseModel):
-    """The edge's ONNX inspection runtime (edge/inspection.py)."""
+    """The edge's ONNX inspection runtime (edge/inspection/runtime.py)."""
 
     # Tried in this order; those this onnxruntime build lacks are left out (CPU is the fallback).
     providers: list[str] = Field(
@@ -170,7 +170,7 @@ class MqttSettings(BaseModel):
 
 
 class LLMSettings(BaseModel):
-    """How the edge runs its LLM artifact in the engine (edge/llm_runtime.py)."""
+    """How the edge runs its LLM artifact in the engine (edge/llm/runtime.py)."""
 
     device: str = "auto"  # "auto": cuda when torch sees a GPU, else cpu
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on cuda
@@ -184,7 +184,7 @@ class LLMSettings(BaseModel):
 
 
 class GatewaySettings(BaseModel):
-    """The local HTTP gateway (edge/gateway.py): OpenAI-compatible API, /v1/inspect, metrics."""
+    """The local HTTP gateway (edge/gateway/app.py): OpenAI-compatible API, /v1/inspect, metrics."""
 
     enabled: bool = True
     host: str = "127.0.0.1"

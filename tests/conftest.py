@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.mosquitto import MosquittoBroker
+from fieldline.cli.harness.mosquitto import MosquittoBroker
 
 # Triton kernels run on CPU tensors through the interpreter in tests. The flag is read when a
 # kernel is decorated, so it must be set before any test module imports fieldline.kernels

@@ -16,12 +16,12 @@ from pydantic import ValidationError
 from fieldline.cloud.desired import DesiredStateService
 from fieldline.cloud.rollouts.gate import NodeCheck, Outcome, Target, check_node
 from fieldline.cloud.rollouts.spec import OnFailure, RolloutSpec, plan_waves
-from fieldline.cloud.sessions import SessionRegistry
 from fieldline.cloud.store import artifacts as artifact_store
 from fieldline.cloud.store import nodes as node_store
 from fieldline.cloud.store import policies as policy_store
 from fieldline.cloud.store import rollouts as rollout_store
 from fieldline.cloud.store.db import Database
+from fieldline.cloud.tunnel.sessions import SessionRegistry
 from fieldline.shared.clock import utcnow
 from fieldline.shared.ids import new_id
 from fieldline.shared.schemas import DesiredState, SignedManifest, selector_matches

@@ -21,17 +21,17 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
-from fieldline.cloud.blobs import BlobStore
+from fieldline.cloud.artifacts.blobs import BlobStore
 from fieldline.cloud.desired import DesiredStateService, assigned_sha256s, desired_json_for_node
 from fieldline.cloud.metrics import CloudMetrics
 from fieldline.cloud.pki import CertificateAuthority, PkiError
-from fieldline.cloud.ratelimit import RateLimiter, peer_address
-from fieldline.cloud.records import RecordIngestor
-from fieldline.cloud.sessions import SessionRegistry
 from fieldline.cloud.store import auth as auth_store
 from fieldline.cloud.store import nodes as node_store
 from fieldline.cloud.store.db import Database
 from fieldline.cloud.tunnel.limits import Oversize
+from fieldline.cloud.tunnel.ratelimit import RateLimiter, peer_address
+from fieldline.cloud.tunnel.records import RecordIngestor
+from fieldline.cloud.tunnel.sessions import SessionRegistry
 from fieldline.shared.clock import now_ms
 from fieldline.shared.ids import new_id, new_secret
 from fieldline.shared.proto import tunnel_pb2 as pb

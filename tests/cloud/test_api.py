@@ -13,7 +13,7 @@ import grpc
 import httpx
 import pytest
 
-from fieldline.cli.processes import ProcessStack, start_cloud
+from fieldline.cli.harness.processes import ProcessStack, start_cloud
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
 

@@ -17,7 +17,7 @@ from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from fieldline.cli.processes import ProcessStack, start_cloud
+from fieldline.cli.harness.processes import ProcessStack, start_cloud
 from fieldline.cloud.api.app import create_app
 from fieldline.cloud.context import open_context
 from fieldline.cloud.store.auth import Role

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fieldline.cli.processes import fieldline_cmd
+from fieldline.cli.harness.processes import fieldline_cmd
 from fieldline.cloud.backup import BackupError, restore
 from tests.e2e.conftest import Fleet, wait_until
 

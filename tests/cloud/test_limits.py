@@ -15,7 +15,7 @@ import grpc
 import httpx
 import pytest
 
-from fieldline.cli.processes import Child, ProcessStack, start_cloud
+from fieldline.cli.harness.processes import Child, ProcessStack, start_cloud
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
 
@@ -232,7 +232,7 @@ def test_enrollment_flood_is_rate_limited(
     assert "enrollment attempts rate-limited" in cloud.log()
     # Right after the flood the bucket is empty: a real edge is turned away too, waits (its
     # token is not spent by a refused attempt) and enrolls once the bucket refills.
-    from fieldline.edge import enroll as edge_enroll
+    from fieldline.edge.control import enroll as edge_enroll
     from fieldline.edge.store import EdgeStore
     from fieldline.shared.config import BackoffSettings
     from fieldline.shared.schemas import NodeInfo

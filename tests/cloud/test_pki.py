@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from fieldline.cloud.pki import CertificateAuthority, PkiError, load_tls
-from fieldline.cloud.ratelimit import RateLimiter, peer_address
-from fieldline.edge.identity import PinError, new_key_and_csr, pinned_ca
+from fieldline.cloud.tunnel.ratelimit import RateLimiter, peer_address
+from fieldline.edge.control.identity import PinError, new_key_and_csr, pinned_ca
 from fieldline.shared.config import CloudSettings
 from fieldline.shared.tls import EnrollmentToken, TokenFormatError, cert_pin, parse_token
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from fieldline.cli.demo_classifier import train_classifier
-from fieldline.cli.processes import ProcessStack, fieldline_cmd, start_cloud
+from fieldline.cli.harness.classifier import train_classifier
+from fieldline.cli.harness.processes import ProcessStack, fieldline_cmd, start_cloud
 
 
 def test_push_quantize_keeps_fp32_and_records_the_report(tmp_path: Path) -> None:

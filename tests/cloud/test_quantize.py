@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from fieldline.cli.demo_classifier import INPUT_NAME, TrainedClassifier, train_classifier
-from fieldline.cloud.quantize import QuantizationError, QuantizationReport, quantize_onnx
+from fieldline.cli.harness.classifier import INPUT_NAME, TrainedClassifier, train_classifier
+from fieldline.cloud.artifacts.quantize import QuantizationError, QuantizationReport, quantize_onnx
 
 
 @pytest.fixture(scope="module")

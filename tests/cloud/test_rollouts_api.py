@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from fieldline.cli.processes import ProcessStack, start_cloud
+from fieldline.cli.harness.processes import ProcessStack, start_cloud
 from tests.cloud.test_api import Cloud, enroll
 
 

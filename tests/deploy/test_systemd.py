@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fieldline.cli.processes import Child, ProcessStack, fieldline_cmd, start_cloud
+from fieldline.cli.harness.processes import Child, ProcessStack, fieldline_cmd, start_cloud
 from fieldline.shared.sdnotify import Notifier
 from tests.e2e.conftest import Fleet
 

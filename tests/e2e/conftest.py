@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from fieldline.cli.admin_client import AdminClient
-from fieldline.cli.processes import (
+from fieldline.cli.harness.processes import (
     Child,
     ProcessStack,
     cloud_url,

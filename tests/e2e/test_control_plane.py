@@ -172,7 +172,7 @@ def test_cloud_restart_keeps_everything(fleet: Fleet, tmp_path: Path) -> None:
 def test_cli_rejects_malformed_labels(fleet: Fleet, labels: str) -> None:
     import subprocess
 
-    from fieldline.cli.processes import fieldline_cmd
+    from fieldline.cli.harness.processes import fieldline_cmd
 
     out = subprocess.run(
         fieldline_cmd(

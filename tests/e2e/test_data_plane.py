@@ -17,10 +17,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fieldline.cli.demo_classifier import make_frame, train_classifier
-from fieldline.cli.tcp_proxy import TcpProxy
+from fieldline.cli.harness.classifier import make_frame, train_classifier
+from fieldline.cli.harness.mosquitto import MosquittoBroker
+from fieldline.cli.harness.tcp_proxy import TcpProxy
 from tests.e2e.conftest import EDGE_ENV, Fleet, edge_status, wait_until
-from tests.support.mosquitto import MosquittoBroker
 
 READINGS = "plant1/line-a/sensor/temp"
 FRAMES = "plant1/line-a/camera/frames"

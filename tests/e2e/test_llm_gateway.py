@@ -16,10 +16,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fieldline.cli.demo_classifier import make_frame, train_classifier
-from fieldline.cli.processes import fieldline_cmd
+from fieldline.cli.harness.classifier import make_frame, train_classifier
+from fieldline.cli.harness.mosquitto import MosquittoBroker
+from fieldline.cli.harness.processes import fieldline_cmd
 from tests.e2e.conftest import EDGE_ENV, Fleet, edge_status, wait_until
-from tests.support.mosquitto import MosquittoBroker
 from tests.support.tiny_llm import write_tiny_llama
 
 FRAMES = "plant1/line-a/camera/frames"

@@ -19,8 +19,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldline.cli.admin_client import AdminClient
+from fieldline.cli.harness.mosquitto import MosquittoBroker
 from tests.e2e.conftest import EDGE_ENV, Fleet, edge_status, wait_until
-from tests.support.mosquitto import MosquittoBroker
 from tests.support.onnx_models import broken_model, inspection_policy, tiny_classifier
 
 FRAMES = "plant1/line-a/camera/frames"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fieldline.cli.admin_client import AdminClient
-from fieldline.cli.processes import fieldline_cmd
+from fieldline.cli.harness.processes import fieldline_cmd
 from tests.e2e.conftest import Fleet, edge_status, wait_until
 from tests.support.onnx_models import broken_model, inspection_policy, tiny_classifier
 

@@ -17,8 +17,8 @@ import pytest
 from cryptography import x509
 
 from fieldline.cloud.pki import CertificateAuthority
-from fieldline.edge.enroll import EnrollmentError, enroll
-from fieldline.edge.identity import NodeTls, channel_credentials, new_key_and_csr
+from fieldline.edge.control.enroll import EnrollmentError, enroll
+from fieldline.edge.control.identity import NodeTls, channel_credentials, new_key_and_csr
 from fieldline.edge.store import EdgeStore
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc

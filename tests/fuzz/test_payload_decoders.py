@@ -1,5 +1,5 @@
-"""Fuzzing the MQTT payload decoders: the ingest check (edge/payloads.py) and the inspection
-pre-processing (edge/preprocess.py). Any input either decodes or raises their PayloadError."""
+"""Fuzzing the MQTT payload decoders: the ingest check (edge/ingest/payloads.py) and the inspection
+pre-processing (edge/inspection/preprocess.py). Any input either decodes or raises their PayloadError."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from fieldline.edge import payloads, preprocess
+from fieldline.edge.ingest import payloads
+from fieldline.edge.inspection import preprocess
 from fieldline.shared.policy import Preprocess
 from tests.fuzz.conftest import LONG, QUICK, budget
 from tests.fuzz.strategies import payloads as payload_bytes

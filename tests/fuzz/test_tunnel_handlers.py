@@ -25,8 +25,8 @@ from fieldline.cloud.context import CloudContext, open_context
 from fieldline.cloud.store import nodes as node_store
 from fieldline.cloud.tunnel.service import TunnelService
 from fieldline.edge.agent import EdgeAgent
-from fieldline.edge.installer import ArtifactInstaller
-from fieldline.edge.reconciler import Reconciler
+from fieldline.edge.control.installer import ArtifactInstaller
+from fieldline.edge.control.reconciler import Reconciler
 from fieldline.edge.store import EdgeStore
 from fieldline.shared.config import CloudSettings, EdgeSettings
 from fieldline.shared.proto import tunnel_pb2 as pb

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from fieldline.edge.gateway_stack import GatewayStack, LLMChoice
+from fieldline.edge.llm.services import GatewayStack, LLMChoice
 from fieldline.shared.config import GatewaySettings, LLMSettings
 from fieldline.shared.policy import Policy
 from tests.edge.engine.conftest import train_tokenizer

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request
 from starlette.requests import ClientDisconnect
 
 from fieldline.cloud.api.deps import ContextDep, OperatorKey, ViewerKey
-from fieldline.cloud.blobs import BlobError
+from fieldline.cloud.artifacts.blobs import BlobError
 from fieldline.cloud.context import CloudContext
 from fieldline.cloud.store import artifacts as artifact_store
 from fieldline.shared.clock import utcnow

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from fieldline.cloud.api.deps import ContextDep, OperatorKey
 from fieldline.cloud.api.routes.artifacts import store_artifact
-from fieldline.cloud.quantize import QuantizationError, quantize_onnx
+from fieldline.cloud.artifacts.quantize import QuantizationError, quantize_onnx
 from fieldline.cloud.store import artifacts as artifact_store
 from fieldline.shared.schemas import ArtifactKind, ArtifactManifest
 

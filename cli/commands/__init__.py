@@ -1,0 +1,1 @@
+"""The `fieldline` command groups, one module each."""

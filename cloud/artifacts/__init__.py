@@ -1,0 +1,1 @@
+"""Artifacts: content-addressed blobs, ONNX quantization, storing and signing uploads."""

@@ -1,0 +1,177 @@
+"""The edge's end of the tunnel: one dialed-out gRPC channel, the control stream, artifact fetches.
+
+Reconnects forever with jittered exponential backoff; messages for the cloud go through a
+queue that only exists while a stream is up, so nothing is sent into a dead stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import structlog
+
+from fieldline.edge.control.backoff import Backoff
+from fieldline.edge.control.identity import NodeTls, channel_credentials, channel_options
+from fieldline.edge.store import Credential
+from fieldline.shared.clock import monotonic_ms, now_ms
+from fieldline.shared.config import EdgeSettings
+from fieldline.shared.proto import tunnel_pb2 as pb
+from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
+from fieldline.shared.schemas import NodeInfo
+
+log = structlog.get_logger(__name__)
+
+OUTGOING_QUEUE = 1024
+FETCH_TIMEOUT_S = 3600.0
+
+
+class TunnelClient:
+    """Owns the channel to the cloud; run() keeps the control stream up until stop()."""
+
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        cloud: str,
+        credential: Credential,
+        node_info: NodeInfo,
+        *,
+        on_desired: Callable[[pb.DesiredStatePush], Awaitable[None]],
+        on_connected: Callable[[], Awaitable[None]] | None = None,
+        applied_generation: Callable[[], int] = lambda: 0,
+        tls: NodeTls | None = None,
+    ):
+        self.settings = settings
+        self.cloud = cloud
+        self.credential = credential
+        self.node_info = node_info
+        self.on_desired = on_desired
+        self.on_connected = on_connected
+        self.applied_generation = applied_generation
+        # Hooks for the data plane: the cloud's record high-water mark (welcome and acks).
+        self.on_records_ack: Callable[[int], Awaitable[None]] | None = None
+        self.connected = False
+        self.last_rtt_ms: float | None = None
+        self.last_connected_ms: int | None = None
+        self._backoff = Backoff(settings.reconnect)
+        self._out: asyncio.Queue[pb.EdgeMessage] | None = None
+        self._heartbeat_seq = 0
+        self._sent_at: dict[int, float] = {}
+        self._stopping = asyncio.Event()
+        keepalive_ms = int(settings.keepalive_s * 1000)
+        options: list[tuple[str, int | str]] = [
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ]
+        self.tls = tls is not None
+        if tls is not None:  # mutual TLS: the cloud knows this node by its certificate
+            self._channel = grpc.aio.secure_channel(
+                cloud,
+                channel_credentials(tls.ca_pem, tls),
+                options=[*options, *channel_options(settings.tls_server_name)],
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(cloud, options=options)
+        self._stub = pb_grpc.TunnelStub(self._channel)
+        self._metadata = (("authorization", credential.bearer),)
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self._session()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    log.error("the cloud refused this node's credential", details=exc.details())
+                elif exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    # Revoked: local work goes on; only a new enrollment brings the tunnel back.
+                    log.error("the cloud refused this node", details=exc.details())
+                else:
+                    log.warning("tunnel down", code=exc.code().name, details=exc.details())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the reconnect loop die; log and retry
+                log.exception("tunnel session failed")
+            finally:
+                if self.connected:
+                    log.info("tunnel disconnected")
+                self.connected = False
+                self._out = None
+            if self._stopping.is_set():
+                break
+            delay = self._backoff.next_delay()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self._channel.close(grace=None)
+
+    async def _session(self) -> None:
+        out: asyncio.Queue[pb.EdgeMessage] = asyncio.Queue(OUTGOING_QUEUE)
+
+        async def requests() -> AsyncIterator[pb.EdgeMessage]:
+            yield pb.EdgeMessage(
+                hello=pb.Hello(
+                    node_info_json=self.node_info.model_dump_json(),
+                    applied_generation=self.applied_generation(),
+                )
+            )
+            while True:
+                yield await out.get()
+
+        call = self._stub.Connect(requests(), metadata=self._metadata)
+        async for msg in call:
+            kind = msg.WhichOneof("body")
+            if kind == "welcome":
+                self._out = out
+                self.connected = True
+                self.last_connected_ms = now_ms()
+                self._backoff.reset()
+                log.info("tunnel connected", cloud=self.cloud, node=msg.welcome.node_id)
+                if self.on_records_ack is not None:
+                    await self.on_records_ack(msg.welcome.synced_seq)
+                if self.on_connected is not None:
+                    await self.on_connected()
+            elif kind == "desired":
+                await self.on_desired(msg.desired)
+            elif kind == "heartbeat_ack":
+                sent = self._sent_at.pop(msg.heartbeat_ack.seq, None)
+                if sent is not None:
+                    self.last_rtt_ms = monotonic_ms() - sent
+            elif kind == "records_ack" and self.on_records_ack is not None:
+                await self.on_records_ack(msg.records_ack.high_water_seq)
+
+    def send(self, msg: pb.EdgeMessage) -> bool:
+        """Queue a message for the cloud; False when no stream is up (the caller retries later)."""
+        out = self._out
+        if out is None:
+            return False
+        try:
+            out.put_nowait(msg)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    def heartbeat(self, health_json: str = "") -> None:
+        self._heartbeat_seq += 1
+        seq = self._heartbeat_seq
+        beat = pb.Heartbeat(seq=seq, sent_at_ms=now_ms(), health_json=health_json)
+        if self.send(pb.EdgeMessage(heartbeat=beat)):
+            self._sent_at = {k: v for k, v in self._sent_at.items() if k > seq - 16}
+            self._sent_at[seq] = monotonic_ms()
+
+    async def fetch(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
+        """Artifact bytes from `offset` on (raises grpc.aio.AioRpcError on refusal or a cut)."""
+        call = self._stub.FetchArtifact(
+            pb.FetchArtifactRequest(sha256=sha256, offset=offset),
+            metadata=self._metadata,
+            timeout=FETCH_TIMEOUT_S,
+        )
+        async for chunk in call:
+            yield chunk.data

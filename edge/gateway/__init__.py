@@ -1,0 +1,1 @@
+"""The local HTTP gateway: FastAPI app, OpenAI-compatible routes, request schemas, HTTP metrics."""

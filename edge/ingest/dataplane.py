@@ -1,0 +1,193 @@
+"""The edge's data plane: outbox, MQTT ingestion, inspection and sync, configured by the policy.
+
+Owned by the agent. It runs from the last persisted desired state, so it goes on offline and
+after a restart without the cloud; only sync waits for the tunnel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from fieldline.edge.ingest.mqtt import MqttIngestor
+from fieldline.edge.ingest.outbox import NewRecord, Outbox, OutboxFull
+from fieldline.edge.ingest.sync import OutboxSync
+from fieldline.edge.inspection.health import ModelHealthReporter
+from fieldline.edge.inspection.runtime import InspectionRuntime, Verdict
+from fieldline.edge.store import EdgeStore
+from fieldline.shared.config import EdgeSettings
+from fieldline.shared.policy import InspectionRule, Policy, Retention
+from fieldline.shared.proto import tunnel_pb2 as pb
+from fieldline.shared.schemas import ArtifactKind, DesiredState, ModelHealth
+
+log = structlog.get_logger(__name__)
+
+VERDICT_STORE_RETRY_S = 0.2
+VERDICT_STORE_TRIES = 50
+
+
+class DataPlane:
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        store: EdgeStore,
+        node_id: str,
+        send: Callable[[pb.EdgeMessage], bool],  # the tunnel's send
+    ):
+        self.settings = settings
+        self.store = store
+        self.registry = CollectorRegistry()
+        self.policy = Policy()
+        self.outbox = Outbox(settings.data_dir)
+        self.inspection = InspectionRuntime(
+            self._publish, self._store_verdict, settings=settings.inspection, registry=self.registry
+        )
+        self.model_reporter = ModelHealthReporter(settings.inspection)
+        self.ingestor: MqttIngestor | None = None
+        if settings.mqtt is not None:
+            self.ingestor = MqttIngestor(
+                settings.mqtt,
+                self.outbox,
+                client_id=f"fieldline-{node_id}",
+                on_inspect=self.inspection.on_inspect,
+                registry=self.registry,
+            )
+        self.sync = OutboxSync(self.outbox, send, self.retention)
+        self._last_sync = 0.0
+        self.verdicts_published = 0
+        self.defects = 0
+        # Called on inspection worker threads after each verdict is stored (the alert
+        # explainer hooks in here); it must return at once and never raise.
+        self.on_verdict: Callable[[Verdict, InspectionRule | None], None] | None = None
+
+    def start(self) -> None:
+        self.inspection.start()
+        if self.ingestor is not None:
+            self.ingestor.start()
+
+    def stop(self) -> None:
+        if self.ingestor is not None:
+            self.ingestor.stop()  # flushes and acks what it holds
+        self.inspection.stop()  # answers (stores) every queued request
+        self.outbox.close()
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def retention(self) -> Retention:
+        """The policy's retention within this gateway's own limits (settings.retention)."""
+        r, cap = self.policy.retention, self.settings.retention
+        return Retention(
+            max_rows=min(r.max_rows, cap.max_rows or r.max_rows),
+            max_bytes=min(r.max_bytes, cap.max_bytes or r.max_bytes),
+            keep_synced_s=min(
+                r.keep_synced_s, r.keep_synced_s if cap.keep_synced_s is None else cap.keep_synced_s
+            ),
+        )
+
+    def apply(self, desired: DesiredState) -> None:
+        """Run the desired state's policy on what is installed now (called after each reconcile)."""
+        if desired.policy is not None:
+            try:
+                self.policy = Policy.model_validate(desired.policy)
+            except ValidationError as exc:
+                log.error("policy in the desired state does not validate", error=str(exc)[:300])
+                return
+        self.outbox.set_retention(self.retention())
+        if self.ingestor is not None:
+            self.ingestor.apply_policy(self.policy)
+        self.inspection.apply_policy(self.policy, self.installed_models())
+
+    def installed_models(
+        self, kind: ArtifactKind = ArtifactKind.onnx
+    ) -> dict[str, tuple[str, Path]]:
+        """Active artifacts of `kind` (ONNX by default): name -> (version, path)."""
+        models = {}
+        for name, version in self.store.active().items():
+            row = self.store.artifact(name, version)
+            if row is not None and row.kind == kind.value and row.path:
+                models[name] = (version, Path(row.path))
+        return models
+
+    def model_health(self) -> dict[str, ModelHealth]:
+        """Per active ONNX model: loaded or not, and the last window's requests, errors, p95."""
+        return self.model_reporter.report(self.installed_models(), self.inspection.health())
+
+    # -- verdicts ------------------------------------------------------------------------------
+
+    def _store_verdict(self, verdict: Verdict) -> None:
+        rule = next((r for r in self.policy.inspections if r.name == verdict.rule), None)
+        topic = rule.result_topic if rule else f"verdicts/{verdict.rule}"
+        record = NewRecord("verdict", topic, verdict.ts_ms, verdict.to_json())
+        # Verdicts are never dropped: under back-pressure wait for sync to free room.
+        for _ in range(VERDICT_STORE_TRIES):
+            try:
+                self.outbox.append([record])
+                break
+            except OutboxFull:
+                time.sleep(VERDICT_STORE_RETRY_S)
+        else:
+            log.error("verdict could not be stored: outbox full", rule=verdict.rule)
+        if verdict.defect:
+            self.defects += 1
+        if self.on_verdict is not None:
+            try:
+                self.on_verdict(verdict, rule)
+            except Exception:  # a hook must never cost a verdict
+                log.exception("verdict hook failed", rule=verdict.rule)
+
+    def publish_event(self, topic: str, payload: bytes) -> None:
+        """Publish something other than a verdict (an alert explanation) with QoS 1."""
+        if self.ingestor is not None:
+            self.ingestor.publish(topic, payload)
+
+    def store_event(self, topic: str, payload: bytes, ts_ms: int) -> None:
+        """Keep an event (kind "event", never dropped) in the outbox for sync to the cloud."""
+        self.outbox.append([NewRecord("event", topic, ts_ms, payload)])
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        if self.ingestor is None:
+            return
+        self.ingestor.publish(topic, payload)
+        self.verdicts_published += 1
+
+    # -- sync ----------------------------------------------------------------------------------
+
+    async def sync_tick(self) -> None:
+        """The scheduled job: ship outbox batches once the policy's sync interval has passed."""
+        now = time.monotonic()
+        if now - self._last_sync < self.policy.sync_interval_s:
+            return
+        self._last_sync = now
+        await self.sync.run_once()
+
+    async def on_records_ack(self, high_water_seq: int) -> None:
+        await self.sync.on_ack(high_water_seq)
+
+    def health(self) -> dict[str, Any]:
+        stats = self.outbox.stats()
+        return {
+            "outbox": {
+                "rows": stats.rows,
+                "bytes": stats.bytes,
+                "unsynced": stats.unsynced,
+                "dropped": stats.dropped,
+                "dead_letters": stats.dead_letters,
+                "last_seq": stats.last_seq,
+                "synced_seq": stats.synced_seq,
+            },
+            "mqtt": {
+                "configured": self.ingestor is not None,
+                "connected": bool(self.ingestor and self.ingestor.connected),
+                "stored": self.ingestor.stored if self.ingestor else 0,
+                "dead_lettered": self.ingestor.dead_lettered if self.ingestor else 0,
+            },
+            "inspection": self.inspection.health(),
+            "verdicts_published": self.verdicts_published,
+            "defects": self.defects,
+        }

@@ -1,0 +1,1 @@
+"""ONNX inspection: model loading, micro-batching workers, pre/post-processing, per-model health."""

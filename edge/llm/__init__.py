@@ -1,0 +1,1 @@
+"""The local LLM: the served runtime, completions, chat templates, response cache, prefetch, explanations."""
