@@ -24,14 +24,13 @@ from pathlib import Path
 
 import grpc
 
+from fieldline.shared.health import ModelHealth, NodeHealth
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
 from fieldline.shared.schemas import (
     ArtifactState,
     ArtifactStatus,
     DesiredState,
-    ModelHealth,
-    NodeHealth,
     NodeInfo,
     ObservedState,
 )

@@ -28,15 +28,10 @@ from fieldline.edge.llm.services import GatewayStack, choose_llm
 from fieldline.edge.store import EdgeStore
 from fieldline.shared.clock import now_ms
 from fieldline.shared.config import EdgeSettings
+from fieldline.shared.health import ModelHealth
 from fieldline.shared.logs import configure_logging
 from fieldline.shared.proto import tunnel_pb2 as pb
-from fieldline.shared.schemas import (
-    ArtifactKind,
-    DesiredState,
-    ModelHealth,
-    NodeInfo,
-    ObservedState,
-)
+from fieldline.shared.schemas import ArtifactKind, DesiredState, NodeInfo, ObservedState
 from fieldline.shared.sdnotify import Notifier, run_watchdog
 
 log = structlog.get_logger(__name__)

@@ -16,7 +16,8 @@ import sqlite_utils
 
 from fieldline.edge.control.identity import NodeTls
 from fieldline.shared.clock import utcnow
-from fieldline.shared.schemas import ArtifactState, DesiredState, LocalRollback, ObservedState
+from fieldline.shared.health import LocalRollback
+from fieldline.shared.schemas import ArtifactState, DesiredState, ObservedState
 
 DB_FILE = "edge.db"
 

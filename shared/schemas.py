@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fieldline.shared.clock import utcnow
+from fieldline.shared.health import LocalRollback, ModelHealth, NodeHealth
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -189,53 +190,6 @@ class ArtifactStatus(BaseModel):
     error: str | None = None
 
 
-class ModelHealth(BaseModel):
-    """One active model on an edge: whether it loaded, and how it served over the last window.
-
-    Rollout health gates read this; `loaded` is False with `error` set when the version failed
-    to load. A model no inspection rule uses is still load-checked (`serving` False).
-    """
-
-    model_config = ConfigDict(extra="ignore")
-
-    name: str = Field(max_length=128)
-    version: str | None = Field(default=None, max_length=128)
-    kind: str = Field(default="onnx", max_length=16)
-    loaded: bool = False
-    serving: bool = False
-    requests: int = Field(default=0, ge=0)
-    errors: int = Field(default=0, ge=0)
-    window_s: float = Field(default=60.0, ge=0)
-    window_requests: int = Field(default=0, ge=0)
-    window_errors: int = Field(default=0, ge=0)
-    error_rate: float = Field(default=0.0, ge=0, le=1)
-    p95_latency_ms: float | None = Field(default=None, ge=0)
-    error: str | None = Field(default=None, max_length=2000)
-
-
-class LocalRollback(BaseModel):
-    """An edge returned a model to its previous version by itself (the policy allowed it)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    name: str = Field(max_length=128)
-    from_version: str = Field(max_length=128)
-    to_version: str = Field(max_length=128)
-    sha256: str = Field(max_length=64)
-    reason: str = Field(max_length=2000)
-    at: datetime = Field(default_factory=utcnow)
-
-
-class NodeHealth(BaseModel):
-    """The health summary every heartbeat carries: per-model health (what rollout gates read),
-    local rollbacks, and free-form parts (tunnel, data plane) kept as the edge sent them."""
-
-    model_config = ConfigDict(extra="allow")
-
-    models: dict[str, ModelHealth] = Field(default_factory=dict, max_length=256)
-    local_rollbacks: list[LocalRollback] = Field(default_factory=list, max_length=256)
-
-
 class ObservedState(BaseModel):
     """What a node reports it has: the generation it applied and its artifacts."""
 
@@ -246,7 +200,7 @@ class ObservedState(BaseModel):
     # name -> version of the artifact each name currently runs
     active: dict[str, str] = Field(default_factory=dict)
     errors: list[str] = Field(default_factory=list, max_length=256)
-    health: dict[str, Any] = Field(default_factory=dict)
+    health: NodeHealth = Field(default_factory=NodeHealth)
     reported_at: datetime = Field(default_factory=utcnow)
     # Per active model: loaded, request and error counts, p95 latency over the last window.
     models: dict[str, ModelHealth] = Field(default_factory=dict, max_length=256)

@@ -11,13 +11,8 @@ from pydantic import ValidationError
 
 from fieldline.cloud.rollouts.spec import HealthGate, RolloutSpec
 from fieldline.cloud.store.nodes import NodeRow
-from fieldline.shared.schemas import (
-    ArtifactState,
-    LocalRollback,
-    ModelHealth,
-    NodeHealth,
-    ObservedState,
-)
+from fieldline.shared.health import LocalRollback, ModelHealth, NodeHealth
+from fieldline.shared.schemas import ArtifactState, ObservedState
 
 # Kinds whose artifacts are models the edge loads; "file" artifacts have no model health.
 MODEL_KINDS = frozenset({"onnx", "llm"})

@@ -33,10 +33,11 @@ from fieldline.cloud.tunnel.ratelimit import RateLimiter, peer_address
 from fieldline.cloud.tunnel.records import RecordIngestor
 from fieldline.cloud.tunnel.sessions import SessionRegistry
 from fieldline.shared.clock import now_ms
+from fieldline.shared.health import NodeHealth
 from fieldline.shared.ids import new_id, new_secret
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
-from fieldline.shared.schemas import NodeHealth, NodeInfo, ObservedState
+from fieldline.shared.schemas import NodeInfo, ObservedState
 from fieldline.shared.tls import TokenFormatError, parse_token
 
 log = structlog.get_logger(__name__)

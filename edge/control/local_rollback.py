@@ -8,8 +8,9 @@ from __future__ import annotations
 import structlog
 
 from fieldline.edge.store import EdgeStore
+from fieldline.shared.health import LocalRollback, ModelHealth
 from fieldline.shared.policy import Policy
-from fieldline.shared.schemas import ArtifactState, LocalRollback, ModelHealth
+from fieldline.shared.schemas import ArtifactState
 
 log = structlog.get_logger(__name__)
 

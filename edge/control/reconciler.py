@@ -14,13 +14,8 @@ import structlog
 
 from fieldline.edge.control.installer import ArtifactInstaller, Fetcher, InstallError
 from fieldline.edge.store import EdgeStore
-from fieldline.shared.schemas import (
-    ArtifactStatus,
-    DesiredState,
-    LocalRollback,
-    ModelHealth,
-    ObservedState,
-)
+from fieldline.shared.health import LocalRollback, ModelHealth
+from fieldline.shared.schemas import ArtifactStatus, DesiredState, ObservedState
 
 log = structlog.get_logger(__name__)
 

@@ -22,9 +22,10 @@ from fieldline.edge.inspection.health import ModelHealthReporter
 from fieldline.edge.inspection.runtime import InspectionRuntime, Verdict
 from fieldline.edge.store import EdgeStore
 from fieldline.shared.config import EdgeSettings
+from fieldline.shared.health import ModelHealth
 from fieldline.shared.policy import InspectionRule, Policy, Retention
 from fieldline.shared.proto import tunnel_pb2 as pb
-from fieldline.shared.schemas import ArtifactKind, DesiredState, ModelHealth
+from fieldline.shared.schemas import ArtifactKind, DesiredState
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,7 @@ import structlog
 
 from fieldline.edge.inspection.model import ModelLoadError, load_model
 from fieldline.shared.config import InspectionSettings
-from fieldline.shared.schemas import ModelHealth
+from fieldline.shared.health import ModelHealth
 
 log = structlog.get_logger(__name__)
 

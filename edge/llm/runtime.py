@@ -22,8 +22,8 @@ from fieldline.edge.engine.async_engine import AsyncLLMEngine
 from fieldline.edge.engine.config import EngineConfig
 from fieldline.edge.llm.chat_template import ChatMessage, ChatTemplate, load_chat_template
 from fieldline.shared.config import LLMSettings
+from fieldline.shared.health import ModelHealth
 from fieldline.shared.llm_artifact import unpack_checkpoint
-from fieldline.shared.schemas import ModelHealth
 
 log = structlog.get_logger(__name__)
 

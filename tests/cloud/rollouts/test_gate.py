@@ -7,14 +7,8 @@ from datetime import UTC, datetime
 from fieldline.cloud.rollouts.gate import Outcome, Target, check_node
 from fieldline.cloud.rollouts.spec import HealthGate
 from fieldline.cloud.store.nodes import NodeRow
-from fieldline.shared.schemas import (
-    ArtifactState,
-    ArtifactStatus,
-    LocalRollback,
-    ModelHealth,
-    NodeHealth,
-    ObservedState,
-)
+from fieldline.shared.health import LocalRollback, ModelHealth, NodeHealth
+from fieldline.shared.schemas import ArtifactState, ArtifactStatus, ObservedState
 
 TARGET = Target("detector", "2.0", "onnx", None)
 GATE = HealthGate(soak_s=1, max_error_rate=0.05, max_p95_ms=50, min_requests=10)
