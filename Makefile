@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: demo test test-all lint format bench proto venv mosquitto chromium clean
+.PHONY: demo test test-all lint lint-imports format bench proto venv mosquitto chromium clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy shared cloud
+	$(MAKE) --no-print-directory lint-imports
+
+# The import rule (docs/architecture.md, Layout), as import-linter contracts in pyproject.toml.
+# The source folders map into the fieldline package only when installed, so import-linter reads
+# them through a folder of links that lays them out as fieldline/*.
+IMPORTGRAPH := .importgraph
+lint-imports: $(STAMP)
+	@rm -rf $(IMPORTGRAPH) && mkdir -p $(IMPORTGRAPH)/fieldline && touch $(IMPORTGRAPH)/fieldline/__init__.py
+	@for d in cloud edge shared kernels cli; do ln -s ../../$$d $(IMPORTGRAPH)/fieldline/$$d; done
+	cd $(IMPORTGRAPH) && PYTHONPATH=. $(abspath $(BIN))/lint-imports --no-cache ../pyproject.toml
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -63,4 +73,4 @@ proto: $(STAMP)
 	$(BIN)/python -m fieldline.shared.proto.codegen
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(IMPORTGRAPH)

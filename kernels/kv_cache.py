@@ -7,10 +7,9 @@ Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]; slot =
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from fieldline.kernels import check_devices
+from fieldline.kernels.triton_compat import tl, triton
 
 
 def write_kv_ref(

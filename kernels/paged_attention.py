@@ -8,10 +8,9 @@ context_lens[i] tokens (already written to the cache) and attend causally.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from fieldline.kernels import check_devices
+from fieldline.kernels.triton_compat import tl, triton
 
 
 def paged_attention_ref(
