@@ -4,6 +4,7 @@ and the engine loads and serves a checkpoint."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -15,13 +16,42 @@ ROOT = Path(__file__).resolve().parents[1]
 INSTALL_TIMEOUT_S = 900  # torch's wheel comes from the machine's disk; the rest from the registry
 
 
+def _source_copy(dst: Path) -> Path:
+    """The checkout's files as git sees them (no build/ or egg-info left by earlier builds)."""
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for name in filter(None, listed):
+        src = ROOT / name
+        if src.is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+    return dst
+
+
 def test_plain_install_generates_without_triton(tmp_path: Path) -> None:
+    source = _source_copy(tmp_path / "src")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(ROOT)],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            str(source),
+        ],
         capture_output=True,
         text=True,
         timeout=INSTALL_TIMEOUT_S,

@@ -1,4 +1,5 @@
-"""A real Mosquitto broker for tests: free port, persistence, stop/kill/restart on the same port."""
+"""A real Mosquitto broker for the tests, the demo and bench/: free port, persistence,
+stop/kill/restart on the same port."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 START_TIMEOUT_S = 10.0
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto")
 
 
+def find_mosquitto() -> str | None:
+    """The mosquitto binary, or None when it is not installed."""
+    return shutil.which("mosquitto") or next((p for p in MOSQUITTO_PATHS if Path(p).exists()), None)
+
+
 def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or next(
-        (p for p in MOSQUITTO_PATHS if Path(p).exists()), None
-    )
+    found = find_mosquitto()
     if found is None:
         raise RuntimeError(
             "mosquitto is not installed: `make test` installs it (apt-get install mosquitto)"
@@ -29,6 +34,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, alive: Callable[[], bool]) -> None:
+    """Return once 127.0.0.1:port accepts a connection; raise if `alive()` turns False first."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("the broker exited while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the broker did not listen on port {port}")
 
 
 class MosquittoBroker:
@@ -66,18 +85,19 @@ class MosquittoBroker:
     def start(self) -> MosquittoBroker:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [mosquitto_binary(), "-c", str(self.conf)], stdout=log, stderr=log
+                # its own session: a Ctrl-C meant for the demo or a test run reaches it only
+                # through stop()
+                [mosquitto_binary(), "-c", str(self.conf)],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on {self.port}")
+        proc = self.proc
+        try:
+            wait_listening(self.port, lambda: proc.poll() is None)
+        except RuntimeError as exc:
+            raise RuntimeError(f"mosquitto: {exc}: {self.log.read_text()[-2000:]}") from None
+        return self
 
     def stop(self) -> None:
         """SIGTERM: mosquitto saves its persistence file on the way out."""
