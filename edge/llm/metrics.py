@@ -1,7 +1,11 @@
-"""Prometheus metrics of the gateway: engine metrics (fieldline_engine_*) and gateway counters.
+"""Prometheus metrics of the LLM services: the engine (fieldline_engine_*), the response cache,
+prefetch runs and alert explanations. The gateway's /metrics shows them beside its HTTP counters
+(edge/gateway/metrics.py).
 
-The engine's numbers come from a snapshot the /metrics route reads between engine steps;
-the collector below only turns the latest snapshot into Prometheus families.
+The names keep their fieldline_gateway_ prefix (cache, prefetch runs, explanations): deploy/'s
+alert rules and dashboards use them, so they must not change when the code moves.
+The engine's numbers come from a snapshot read between engine steps (refresh()); the collector
+only turns the latest snapshot into Prometheus families.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from fieldline.edge.engine.metrics import LatencySummary, MetricsSnapshot
 from fieldline.edge.llm.response_cache import ResponseCache
+from fieldline.edge.llm.runtime import LLMRuntime
 
 QUANTILES = (("0.5", "p50"), ("0.95", "p95"))
 
@@ -117,25 +122,14 @@ class CacheCollector(Collector):
         yield GaugeMetricFamily("fieldline_gateway_cache_bytes", "Bytes held", value=st.bytes)
 
 
-class GatewayMetrics:
-    """Everything the gateway's /metrics shows, in one registry."""
+class LlmMetrics:
+    """The LLM services' metrics, in one registry."""
 
     def __init__(self, cache: ResponseCache) -> None:
         self.registry = CollectorRegistry()
         self.engine = EngineCollector()
         self.registry.register(self.engine)
         self.registry.register(CacheCollector(cache))
-        self.requests = Counter(
-            "fieldline_gateway_requests",
-            "Gateway requests by route and status",
-            ["route", "status"],
-            registry=self.registry,
-        )
-        self.disconnects = Counter(
-            "fieldline_gateway_client_disconnects",
-            "Requests aborted because the client went away",
-            registry=self.registry,
-        )
         self.prefetch_runs = Counter(
             "fieldline_gateway_prefetch_runs",
             "Prefetch job runs by outcome",
@@ -148,3 +142,12 @@ class GatewayMetrics:
             ["outcome"],
             registry=self.registry,
         )
+
+    async def refresh(self, llm: LLMRuntime) -> None:
+        """Read the serving engine's snapshot (between steps) for the next scrape."""
+        served = llm.current
+        reading = None
+        if served is not None and served.engine.running:
+            snapshot = await served.engine.metrics_snapshot()
+            reading = EngineReading(served.name, served.version, snapshot)
+        self.engine.update(reading)
