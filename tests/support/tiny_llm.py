@@ -36,13 +36,15 @@ def write_tiny_llama(
     hidden: int = 64,
     layers: int = 2,
     max_positions: int = 1024,
+    vocab: int = VOCAB,
+    corpus: list[str] | None = None,
 ) -> Path:
     """A random Llama checkpoint with tokenizer.json; large init so greedy has no near-ties."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -55,7 +57,7 @@ def write_tiny_llama(
     )
     LlamaForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
     (path / "chat_template.jinja").unlink(missing_ok=True)
-    train_tokenizer(path, VOCAB)
+    train_tokenizer(path, vocab, corpus)
     if chat_template is not None:
         cfg_path = path / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text())
