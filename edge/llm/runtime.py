@@ -170,6 +170,10 @@ class LLMRuntime:
             cur, self.current = self.current, None
             if cur is not None:
                 self._retire(cur, STOP_DRAIN_S)
+        await self.retired()
+
+    async def retired(self) -> None:
+        """Wait until every version being retired has drained and stopped its engine."""
         for task in list(self._retiring):
             with suppress(asyncio.CancelledError):
                 await task
