@@ -180,8 +180,8 @@ async def _answer(
 ) -> AsyncGenerator[tuple[_Shape, Piece], None]:
     """The answer's pieces, with the lease on the model held while they flow.
 
-    Refusals raise HTTPException before the first piece: 503 (no model), 404 (another
-    model), 400 (what the model or engine cannot take). Closing this early releases the
+    Refusals raise HTTPException before the first piece: 503 (no model, or its engine
+    stopped), 404 (another model), 400 (what the model or engine cannot take). Closing this early releases the
     lease and aborts the engine request.
     """
     try:
@@ -210,6 +210,8 @@ async def _answer(
                     first = await anext(pieces)
                 except ValueError as exc:  # the engine refused it (too long for the model)
                     raise HTTPException(400, str(exc)) from None
+                except EngineStoppedError as exc:  # stopping, or a swap retired it
+                    raise HTTPException(503, str(exc)) from None
                 yield shape, first
                 async for piece in pieces:
                     yield shape, piece

@@ -452,6 +452,8 @@ def test_api_key_health_and_no_model(checkpoint: Path) -> None:
         assert httpx.get(f"{url}/v1/models", headers=auth).json() == {"object": "list", "data": []}
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and health.json()["llm"]["state"] == "none"
+        assert health.json()["gateway"]["listening"] == g.server.port  # type: ignore[union-attr]
+        assert health.json()["gateway"]["cache"]["entries"] == 0
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
         r = httpx.post(f"{url}/v1/chat/completions", json=chat, headers=auth)
         assert r.status_code == 503 and "no LLM" in r.json()["error"]["message"]
@@ -484,3 +486,19 @@ def test_api_key_health_and_no_model(checkpoint: Path) -> None:
         assert httpx.get(f"{url}/health").status_code == 503
     finally:
         g.stop()
+
+
+def test_a_port_that_cannot_be_bound_is_reported_in_health() -> None:
+    first = ThreadedGateway(llm=LLM).start()
+    try:
+        assert first.server is not None
+        taken = GatewaySettings(port=first.server.port or 0)
+        second = ThreadedGateway(taken, llm=LLM).start()
+        try:
+            health = second.state.health()
+            assert health.listening is None
+            assert health.error is not None and "cannot listen" in health.error
+        finally:
+            second.stop()
+    finally:
+        first.stop()
