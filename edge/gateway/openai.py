@@ -56,28 +56,29 @@ class EventStream(StreamingResponse):
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        self._generators = (content, source)
+        self._content, self._source = content, source
         self._on_disconnect = on_disconnect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
+        # The events close first; the source then, in case the events never started.
+        async with (
+            aclosing(self._source),
+            aclosing(self._content),
+            anyio.create_task_group() as tg,
+        ):
 
-                async def stream() -> None:
-                    try:
-                        await self.stream_response(send)
-                    except OSError:
-                        self._on_disconnect()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                if not tg.cancel_scope.cancel_called:
+            async def stream() -> None:
+                try:
+                    await self.stream_response(send)
+                except OSError:
                     self._on_disconnect()
                 tg.cancel_scope.cancel()
-        finally:
-            for generator in self._generators:
-                await generator.aclose()
+
+            tg.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            if not tg.cancel_scope.cancel_called:
+                self._on_disconnect()
+            tg.cancel_scope.cancel()
 
 
 @dataclass(frozen=True)

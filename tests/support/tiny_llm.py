@@ -80,7 +80,9 @@ class ThreadedGateway:
         self.llm_settings = llm or LLMSettings(device="cpu", kv_cache_bytes=8 * 1024 * 1024)
         self.policy = policy or Policy()
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, daemon=True, name="gateway-loop"
+        )
         self.services: LlmServices | None = None
         self.server: GatewayServer | None = None
 
@@ -99,6 +101,10 @@ class ThreadedGateway:
 
         self.services, self.server = self.call(build())
         return self
+
+    @property
+    def loop_thread_name(self) -> str:
+        return self._thread.name
 
     @property
     def state(self) -> GatewayState:

@@ -6,6 +6,7 @@ of 2,000 tokens costs decode work linear in its length."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -157,3 +158,27 @@ def test_a_streamed_chat_of_2000_tokens_costs_linear_decode_work(
     # a full re-decode per token would decode about n^2/2 tokens: 2,000,000 for 2,000
     assert cost[2000]["tokens"] <= 12 * 2000 and cost[2000]["calls"] <= 3 * 2000
     assert cost[2000]["tokens"] / cost[500]["tokens"] < 5.0  # 4x the tokens; quadratic: 16x
+
+
+def test_templates_and_tokenizers_run_off_the_event_loop(ascii_gateway: ThreadedGateway) -> None:
+    assert ascii_gateway.services is not None and ascii_gateway.services.llm.current is not None
+    served = ascii_gateway.services.llm.current
+    tokenizer = served.engine.engine.tokenizer
+    threads: set[str] = set()
+
+    def recording(name: str) -> Callable[..., object]:
+        original = getattr(tokenizer, name)
+
+        def call(*args: object) -> object:
+            threads.add(threading.current_thread().name)
+            return original(*args)
+
+        return call
+
+    tokenizer.encode, tokenizer.decode = recording("encode"), recording("decode")
+    try:
+        plain(ascii_gateway, "/v1/chat/completions", chat("Is the oven hot?", 8))
+        streamed(ascii_gateway, "/v1/completions", {**chat("", 8), "prompt": "the oven"})
+    finally:
+        del tokenizer.encode, tokenizer.decode
+    assert threads and ascii_gateway.loop_thread_name not in threads
