@@ -1,12 +1,14 @@
 """Gateway benchmark: the response cache and template prefix warming, over real HTTP on loopback.
 
-Prints JSON lines (DESIGN.md, Benchmark output):
+Builds the LLM services and the gateway server as edge/agent.py does. Prints one JSON object
+per line on stdout (bench, metric, unit, value, baseline, speedup = baseline / value, and the
+conditions), progress on stderr:
 - cached_latency_p50 / _p95: latency of a repeated deterministic chat request answered from the
   response cache, against the same requests computed by the engine (uncached) in this run;
 - warm_ttft_p50 / _p95: time to first streamed token of requests built on a prompt template whose
   prefix the prefetch job warmed, against requests on templates of the same length never seen
   (cold, full prefill).
-Bars (issue 6): cached p50 <= uncached p50 / 50; warm-template TTFT p50 <= cold p50 / 3.
+Bars: cached p50 <= uncached p50 / 50; warm-template TTFT p50 <= cold p50 / 3.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import httpx
 import torch
 
 from fieldline.cli.harness.tiny_llm import write_demo_llm
-from fieldline.edge.llm.services import GatewayStack, LLMChoice
+from fieldline.edge.gateway.app import GatewayServer
+from fieldline.edge.gateway.deps import GatewayState
+from fieldline.edge.llm.services import LLMChoice, LlmServices
 from fieldline.shared.config import GatewaySettings, LLMSettings
 from fieldline.shared.logs import configure_logging
 from fieldline.shared.policy import Policy
@@ -77,7 +81,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 class LoopThread:
-    """The gateway stack on its own event loop thread, as in the edge daemon."""
+    """An event loop on its own thread, for the LLM services and gateway (as in the daemon)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -139,15 +143,21 @@ def main() -> None:
         llm = LLMSettings(device="cpu", autotune=False, kv_cache_bytes=256 * 1024 * 1024)
         runner = LoopThread()
 
-        async def start() -> GatewayStack:
-            stack = GatewayStack(gateway, llm, lambda: policy)
-            await stack.start()
-            await stack.apply(LLMChoice(MODEL, "1", model_dir))
-            return stack
+        async def start() -> tuple[LlmServices, GatewayServer]:
+            services = LlmServices(gateway, llm, lambda: policy)
+            await services.start()
+            server = GatewayServer(GatewayState(settings=gateway, services=services))
+            await server.start()
+            await services.apply(LLMChoice(MODEL, "1", model_dir))
+            return services, server
 
-        stack = runner.call(start())
-        url = f"http://127.0.0.1:{stack.port}"
-        served = stack.llm.current
+        async def stop(services: LlmServices, server: GatewayServer) -> None:
+            await server.stop()
+            await services.stop()
+
+        services, server = runner.call(start())
+        url = f"http://127.0.0.1:{server.port}"
+        served = services.llm.current
         assert served is not None
         try:
             with httpx.Client(timeout=120) as client:
@@ -174,14 +184,14 @@ def main() -> None:
                     client.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
                     uncached.append((time.perf_counter() - t0) * 1000)
                 log(f"cached: {args.repeats} rounds")
-                hits_before = stack.cache.stats().hits
+                hits_before = services.cache.stats().hits
                 cached = []
                 for _ in range(args.repeats):
                     for body in bodies:
                         t0 = time.perf_counter()
                         client.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
                         cached.append((time.perf_counter() - t0) * 1000)
-                assert stack.cache.stats().hits - hits_before == len(cached)
+                assert services.cache.stats().hits - hits_before == len(cached)
 
                 # template TTFT: cold = templates of the same length never seen; warm = the
                 # policy's template after one prefetch run
@@ -192,7 +202,7 @@ def main() -> None:
                     unseen = f"Shift report {i} of plant one. " + text(args.template_words, 0)
                     cold.append(ttft_ms(client, url, f"{unseen} Alarm: E{i} {text(4, i)}"))
                 # the prefetch job (it runs after every model load, then on its interval)
-                report = runner.call(stack.prefetcher.run_once())
+                report = runner.call(services.prefetcher.run_once())
                 assert report is not None and report.prefixes_warmed + report.prefixes_fresh >= 1
                 probe = served.encode(template.format(alarm="E0"))
                 warm_tokens = runner.call(served.engine.cached_prefix_tokens(probe))
@@ -203,7 +213,7 @@ def main() -> None:
                     for i in range(args.ttft_requests)
                 ]
         finally:
-            runner.call(stack.stop())
+            runner.call(stop(services, server))
             runner.close()
 
     conditions = {

@@ -22,9 +22,11 @@ from fieldline.edge.control.installer import ArtifactInstaller
 from fieldline.edge.control.local_rollback import LocalRollbackGuard
 from fieldline.edge.control.reconciler import Reconciler
 from fieldline.edge.control.tunnel import TunnelClient
+from fieldline.edge.gateway.app import GatewayServer
+from fieldline.edge.gateway.deps import GatewayState
 from fieldline.edge.ingest.dataplane import DataPlane
 from fieldline.edge.ingest.mqtt import MqttConfigError
-from fieldline.edge.llm.services import GatewayStack, choose_llm
+from fieldline.edge.llm.services import LlmServices, choose_llm
 from fieldline.edge.store import EdgeStore
 from fieldline.shared.clock import now_ms
 from fieldline.shared.config import EdgeSettings
@@ -67,7 +69,8 @@ class EdgeAgent:
         self.reconciler: Reconciler | None = None
         self.scheduler: AsyncIOScheduler | None = None
         self.dataplane: DataPlane | None = None
-        self.gateway: GatewayStack | None = None
+        self.llm: LlmServices | None = None
+        self.gateway: GatewayServer | None = None
         self._llm_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._cleanup: list[Callable[[], Awaitable[None]]] = []
@@ -128,25 +131,32 @@ class EdgeAgent:
         self._cleanup.append(self._stop_dataplane)
         tunnel.on_records_ack = dataplane.on_records_ack
         self.health_sources["dataplane"] = dataplane.health
-        self.gateway = gateway = GatewayStack(
+        # The LLM services, then the gateway that serves them; stopped in reverse.
+        self.llm = llm = LlmServices(
             s.gateway,
             s.llm,
             lambda: dataplane.policy,
-            data_dir=s.data_dir,
+            publish=dataplane.publish_event,
+            store=dataplane.store_event,
+        )
+        await llm.start()
+        self._cleanup.append(self._stop_llm)
+        gateway_state = GatewayState(
+            settings=s.gateway,
+            services=llm,
             inspect=lambda rule, payload, publish: dataplane.inspection.submit(
                 rule, payload, publish=publish
             ),
-            publish=dataplane.publish_event,
-            store=dataplane.store_event,
             extra_registries=[dataplane.registry],
         )
+        self.gateway = gateway = GatewayServer(gateway_state, s.data_dir)
         await gateway.start()
-        self._cleanup.append(self._stop_gateway)
-        dataplane.on_verdict = gateway.explainer.on_verdict
-        self.health_sources["llm"] = gateway.llm.health
-        self.health_sources["gateway"] = gateway.health
+        self._cleanup.append(gateway.stop)
+        dataplane.on_verdict = llm.explainer.on_verdict
+        self.health_sources["llm"] = lambda: llm.health().model_dump(mode="json")
+        self.health_sources["gateway"] = lambda: gateway.health().model_dump(mode="json")
         self.model_sources.append(dataplane.model_health)
-        self.model_sources.append(gateway.llm.model_health)
+        self.model_sources.append(llm.llm.model_health)
         self.rollback_guard = LocalRollbackGuard(store)
         self.reconciler = reconciler = Reconciler(
             store,
@@ -182,7 +192,7 @@ class EdgeAgent:
             coalesce=True,
         )
         self.scheduler.add_job(
-            gateway.prefetcher.run_once,
+            llm.prefetcher.run_once,
             "interval",
             seconds=s.gateway.prefetch_interval_s,
             id="prefetch",
@@ -212,23 +222,23 @@ class EdgeAgent:
             await asyncio.to_thread(self.dataplane.stop)
 
     def _on_applied(self, desired: DesiredState) -> None:
-        """After each reconcile: the data plane takes the policy, the gateway the active LLM
+        """After each reconcile: the data plane takes the policy, the LLM services the active LLM
         (loading it takes seconds, so it runs as a task; the runtime serializes loads)."""
-        assert self.dataplane is not None and self.gateway is not None
+        assert self.dataplane is not None and self.llm is not None
         self.dataplane.apply(desired)
         choice = choose_llm(
             self.dataplane.policy, self.dataplane.installed_models(ArtifactKind.llm)
         )
-        task = asyncio.get_running_loop().create_task(self.gateway.apply(choice))
+        task = asyncio.get_running_loop().create_task(self.llm.apply(choice))
         self._llm_tasks.add(task)
         task.add_done_callback(self._llm_tasks.discard)
 
-    async def _stop_gateway(self) -> None:
+    async def _stop_llm(self) -> None:
         for task in list(self._llm_tasks):
             task.cancel()
         await asyncio.gather(*self._llm_tasks, return_exceptions=True)
-        if self.gateway is not None:
-            await self.gateway.stop()
+        if self.llm is not None:
+            await self.llm.stop()
 
     async def _stop_scheduler(self) -> None:
         if self.scheduler is not None:

@@ -142,6 +142,7 @@ class LlmHealth(_Part):
     model: str | None = Field(default=None, max_length=128)
     version: str | None = Field(default=None, max_length=128)
     loading: bool = False
+    loading_ref: str | None = Field(default=None, max_length=260)  # name@version being loaded
     error: str | None = Field(default=None, max_length=2000)
     inflight: int = Field(default=0, ge=0)
     retiring: int = Field(default=0, ge=0)

@@ -3,6 +3,8 @@
 A background task steps the engine in one worker thread, so the event loop stays responsive
 while the model runs. Requests and aborts are queued to that thread and applied between
 steps; a cancelled stream aborts its request, which frees its KV blocks at the next step.
+Prompt text is tokenized and output text decoded (incrementally, engine/detokenizer.py) on
+that thread too, never on the loop.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from fieldline.shared.ids import new_id
 
 log = structlog.get_logger(__name__)
 
-REPLACEMENT_CHAR = "\ufffd"  # a partial UTF-8 character: hold the text until it completes
 OUTCOMES_KEPT = 4096  # finished or failed requests remembered for health windows
 
 
@@ -45,8 +46,10 @@ class EngineStoppedError(RuntimeError):
 
 @dataclass(frozen=True)
 class StreamDelta:
+    """What one engine step added to a request (decoded on the step thread, incrementally)."""
+
     token_ids: list[int]  # tokens new since the previous delta
-    text: str  # text new since the previous delta ("" without a tokenizer)
+    text: str  # text new since the previous delta ("" without a tokenizer or mid-character)
     finished: bool
     finish_reason: str | None
 
@@ -150,7 +153,6 @@ class AsyncLLMEngine:
         self._commands.append(_Add(request_id, prompt, params, priority))
         self._wake.set()
         finished = False
-        num_tokens, text = 0, ""
         try:
             while not finished:
                 item = await queue.get()
@@ -158,16 +160,12 @@ class AsyncLLMEngine:
                     finished = True  # the engine already dropped it
                     raise item
                 finished = item.finished
-                new_text = item.text or ""
-                if new_text.endswith(REPLACEMENT_CHAR) and not finished:
-                    new_text = text
                 yield StreamDelta(
-                    token_ids=item.output_token_ids[num_tokens:],
-                    text=new_text[len(text) :],
+                    token_ids=item.new_token_ids,
+                    text=item.new_text,
                     finished=finished,
                     finish_reason=item.finish_reason,
                 )
-                num_tokens, text = len(item.output_token_ids), new_text
         finally:
             del self._streams[request_id]
             if not finished:  # cancelled or closed early: free its blocks at the next step

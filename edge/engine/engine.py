@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 import structlog
 
 from fieldline.edge.engine.config import EngineConfig
+from fieldline.edge.engine.detokenizer import IncrementalDetokenizer
 from fieldline.edge.engine.metrics import EngineMetrics, MetricsSnapshot
 from fieldline.edge.engine.scheduler import Scheduler
 from fieldline.edge.engine.sequence import SamplingParams, Sequence
@@ -44,10 +45,18 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
+    """What one step added to a request: its new tokens and the text they add."""
+
     request_id: str
     prompt_token_ids: list[int]
-    output_token_ids: list[int]  # all generated so far (a stop token is included)
-    text: str | None  # decoded output when the checkpoint has a tokenizer
+    new_token_ids: list[int]  # tokens generated since this request's previous output
+    new_text: str  # text they add ("" without a tokenizer, or while a character is partial)
+    # All tokens so far (a stop token included): the request's own list, which later steps
+    # extend, so it is whole once finished. Not copied per step, which would be O(n^2).
+    output_token_ids: list[int]
+    text: (
+        str | None
+    )  # the whole decoded output, on the finished output (None before, or no tokenizer)
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
     metrics: RequestMetrics
@@ -58,6 +67,9 @@ class _Request:
     request_id: str
     seq: Sequence
     metrics: RequestMetrics
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    detokenizer: IncrementalDetokenizer | None = None
 
 
 class LLMEngine:
@@ -107,7 +119,9 @@ class LLMEngine:
         now = time.monotonic()
         seq = Sequence(seq_id, prompt_ids, params, priority=priority, arrival_time=now)
         self.scheduler.add(seq)
-        request = _Request(request_id, seq, RequestMetrics(arrival_time=now))
+        request = _Request(request_id, seq, RequestMetrics(arrival_time=now), prompt_ids)
+        if self.tokenizer is not None:
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.output_ids)
         self._requests[request_id] = self._by_seq_id[seq_id] = request
         return request_id
 
@@ -185,9 +199,6 @@ class LLMEngine:
             raise ValueError("empty prompt")
         return ids
 
-    def decode(self, token_ids: list[int]) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode(token_ids)
-
     # -- helpers ---------------------------------------------------------------------------
 
     def _on_token(self, seq: Sequence, now: float) -> RequestOutput:
@@ -207,13 +218,21 @@ class LLMEngine:
         return self._output(request)
 
     def _output(self, request: _Request) -> RequestOutput:
-        seq = request.seq
+        """The tokens appended since the last output and their text (decoded incrementally)."""
+        seq, ids = request.seq, request.output_ids
+        new = seq.num_output_tokens - len(ids)
+        new_ids = seq.token_ids[-new:] if new > 0 else []
+        ids.extend(new_ids)
+        detok, finished = request.detokenizer, seq.is_finished
+        new_text = detok.step(final=finished) if detok is not None else ""
         return RequestOutput(
             request_id=request.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            output_token_ids=seq.output_token_ids,
-            text=self.decode(seq.output_token_ids),
-            finished=seq.is_finished,
+            prompt_token_ids=request.prompt_ids,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            output_token_ids=ids,
+            text=detok.text if detok is not None and finished else None,
+            finished=finished,
             finish_reason=seq.finish_reason,
             metrics=request.metrics,
         )

@@ -1,7 +1,7 @@
-"""The edge's local HTTP gateway: an OpenAI-compatible API on the engine, /v1/inspect, health,
-metrics. `create_app` builds the FastAPI app; `GatewayServer` runs it with uvicorn on the
-agent's event loop (host and port from config, optional API key). Errors use OpenAI's shape:
-{"error": {"message", "type", "param", "code"}}.
+"""The edge's local HTTP gateway: an OpenAI-compatible API on the LLM services, /v1/inspect,
+health, metrics. `create_app` builds the FastAPI app; `GatewayServer` runs it with uvicorn on
+the agent's event loop (host and port from config, optional API key). Errors use OpenAI's
+shape: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fieldline.edge.gateway.deps import GatewayState, StateDep, require_key
-from fieldline.edge.gateway.metrics import EngineReading
 from fieldline.edge.gateway.openai import router as openai_router
+from fieldline.edge.gateway.schemas import HealthResponse
 from fieldline.edge.inspection.runtime import InspectionRejected
+from fieldline.shared.health import GatewayHealth
 
 log = structlog.get_logger(__name__)
 
@@ -115,7 +116,7 @@ def create_app(state: GatewayState) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     def list_models(state: StateDep) -> dict[str, Any]:
-        served = state.llm.current
+        served = state.services.llm.current
         data = []
         if served is not None:
             data.append(
@@ -129,26 +130,22 @@ def create_app(state: GatewayState) -> FastAPI:
             )
         return {"object": "list", "data": data}
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse)
     def health(state: StateDep) -> JSONResponse:
-        report = state.llm.health()
-        ok = report["loaded"]
-        body = {"status": "ok" if ok else "unavailable", "llm": report}
-        if not ok:
-            body["detail"] = state.llm.unavailable_reason()
-        return JSONResponse(body, status_code=200 if ok else 503)
+        llm = state.services.health()
+        body = HealthResponse(
+            status="ok" if llm.loaded else "unavailable",
+            detail=None if llm.loaded else state.services.llm.unavailable_reason(),
+            llm=llm,
+            gateway=state.health(),
+        )
+        return JSONResponse(body.model_dump(mode="json"), status_code=200 if llm.loaded else 503)
 
     @app.get("/metrics")
     async def metrics(state: StateDep) -> Response:
-        served = state.llm.current
-        reading = None
-        if served is not None and served.engine.running:
-            snapshot = await served.engine.metrics_snapshot()
-            reading = EngineReading(served.name, served.version, snapshot)
-        state.metrics.engine.update(reading)
-        text = generate_latest(state.metrics.registry)
-        for registry in state.extra_registries:
-            text += generate_latest(registry)
+        await state.services.metrics.refresh(state.services.llm)
+        registries = [state.metrics.registry, state.services.metrics.registry]
+        text = b"".join(generate_latest(r) for r in registries + state.extra_registries)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/inspect", dependencies=[Depends(require_key)])
@@ -200,10 +197,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-class GatewayError(Exception):
-    """The gateway cannot listen (port taken, bad host)."""
-
-
 class _QuietServer(uvicorn.Server):
     """uvicorn without its own signal handlers: the agent owns SIGTERM and stops us in order."""
 
@@ -219,23 +212,37 @@ class GatewayServer:
         self.state = state
         self.app = create_app(state)
         self.data_dir = data_dir
-        self.port: int | None = None
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def port(self) -> int | None:
+        return self.state.listening
+
+    def health(self) -> GatewayHealth:
+        return self.state.health()
+
     async def start(self) -> None:
+        """Listen, unless gateway.enabled is off. A port that cannot be bound is logged and
+        reported in health(); the rest of the node goes on without the gateway."""
         s = self.state.settings
+        if not s.enabled:
+            log.info("gateway disabled (gateway.enabled: false)")
+            return
+        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.bind((s.host, s.port))
             sock.listen(128)
             sock.setblocking(False)
         except OSError as exc:
-            raise GatewayError(f"gateway cannot listen on {s.host}:{s.port}: {exc}") from exc
-        self.port = sock.getsockname()[1]
+            sock.close()
+            self.state.error = f"gateway cannot listen on {s.host}:{s.port}: {exc}"
+            log.error("gateway not started", error=self.state.error)
+            return
+        port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
         )
@@ -247,8 +254,9 @@ class GatewayServer:
             self._task.result()  # raises what stopped it
         if self.data_dir is not None:
             port_file = self.data_dir / PORT_FILE
-            port_file.write_text(json.dumps({"host": s.host, "port": self.port}))
-        log.info("gateway listening", host=s.host, port=self.port, api_key=bool(s.api_key))
+            port_file.write_text(json.dumps({"host": s.host, "port": port}))
+        self.state.listening = port
+        log.info("gateway listening", host=s.host, port=port, api_key=bool(s.api_key))
 
     async def stop(self) -> None:
         if self._server is None or self._task is None:
@@ -257,3 +265,4 @@ class GatewayServer:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._task, 10)
         self._server = self._task = None
+        self.state.listening = None

@@ -13,10 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from fieldline.edge.gateway.metrics import GatewayMetrics
 from fieldline.edge.inspection.runtime import Verdict
-from fieldline.edge.llm.prefetch import HotRequests
-from fieldline.edge.llm.response_cache import ResponseCache
-from fieldline.edge.llm.runtime import LLMRuntime
+from fieldline.edge.llm.services import LlmServices
 from fieldline.shared.config import GatewaySettings
+from fieldline.shared.health import GatewayHealth
 
 # rule name, payload, publish -> the verdict's future (InspectionRuntime.submit)
 InspectFn = Callable[[str, bytes, bool], "Future[Verdict]"]
@@ -25,13 +24,24 @@ InspectFn = Callable[[str, bytes, bool], "Future[Verdict]"]
 @dataclass
 class GatewayState:
     settings: GatewaySettings
-    llm: LLMRuntime
-    cache: ResponseCache
-    hot: HotRequests
-    metrics: GatewayMetrics
+    services: LlmServices
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     inspect: InspectFn | None = None
     # More registries shown on /metrics (the data plane's inspection and MQTT metrics).
     extra_registries: list[CollectorRegistry] = field(default_factory=list)
+    listening: int | None = None  # the bound port, once GatewayServer.start() bound it
+    error: str | None = None  # why it could not listen
+
+    def health(self) -> GatewayHealth:
+        """The gateway and the LLM services behind it, as the node reports them."""
+        s = self.services
+        return GatewayHealth(
+            listening=self.listening,
+            error=self.error,
+            cache=s.cache_health(),
+            prefetch=s.prefetch_health(),
+            explanations_published=s.explainer.published,
+        )
 
 
 def get_state(request: Request) -> GatewayState:

@@ -1,130 +1,19 @@
-"""Prometheus metrics of the gateway: engine metrics (fieldline_engine_*) and gateway counters.
+"""Prometheus metrics of the gateway's HTTP side: requests by route and status, client disconnects.
 
-The engine's numbers come from a snapshot the /metrics route reads between engine steps;
-the collector below only turns the latest snapshot into Prometheus families.
+The names (fieldline_gateway_requests, fieldline_gateway_client_disconnects) are kept as they
+are: deploy/'s alert rules and dashboards use them. The LLM's metrics are in edge/llm/metrics.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
-from fieldline.edge.engine.metrics import LatencySummary, MetricsSnapshot
-from fieldline.edge.llm.response_cache import ResponseCache
-
-QUANTILES = (("0.5", "p50"), ("0.95", "p95"))
-
-
-@dataclass(frozen=True)
-class EngineReading:
-    model: str
-    version: str
-    snapshot: MetricsSnapshot
-
-
-def _summary(name: str, doc: str, s: LatencySummary) -> Metric:
-    m = Metric(name, doc, "summary")
-    for q, attr in QUANTILES:
-        m.add_sample(name, {"quantile": q}, getattr(s, attr))
-    m.add_sample(f"{name}_count", {}, s.count)
-    m.add_sample(f"{name}_sum", {}, s.total)
-    return m
-
-
-class EngineCollector(Collector):
-    """Exports the last engine snapshot handed to update(); nothing when no model serves."""
-
-    def __init__(self) -> None:
-        self.reading: EngineReading | None = None
-
-    def update(self, reading: EngineReading | None) -> None:
-        self.reading = reading
-
-    def collect(self) -> Iterator[Metric]:
-        r = self.reading
-        if r is None:
-            return
-        s = r.snapshot
-        info = GaugeMetricFamily(
-            "fieldline_engine_model", "The LLM serving (1)", labels=["model", "version"]
-        )
-        info.add_metric([r.model, r.version], 1)
-        yield info
-        yield GaugeMetricFamily("fieldline_engine_running", "Requests running", value=s.num_running)
-        yield GaugeMetricFamily("fieldline_engine_waiting", "Requests waiting", value=s.num_waiting)
-        yield GaugeMetricFamily(
-            "fieldline_engine_kv_usage_ratio", "Share of KV blocks in use", value=s.kv_usage
-        )
-        yield GaugeMetricFamily(
-            "fieldline_engine_token_budget", "Per-step token budget", value=s.token_budget
-        )
-        yield CounterMetricFamily(
-            "fieldline_engine_prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache",
-            value=s.prefix_cache_queries,
-        )
-        yield CounterMetricFamily(
-            "fieldline_engine_prefix_cache_hits",
-            "Prompt tokens found in the prefix cache",
-            value=s.prefix_cache_hits,
-        )
-        yield CounterMetricFamily(
-            "fieldline_engine_preemptions", "Sequences preempted", value=s.num_preemptions
-        )
-        yield CounterMetricFamily(
-            "fieldline_engine_requests_finished",
-            "Requests finished (aborted ones included)",
-            value=s.num_requests_finished,
-        )
-        yield CounterMetricFamily(
-            "fieldline_engine_generated_tokens", "Tokens generated", value=s.num_generated_tokens
-        )
-        yield _summary(
-            "fieldline_engine_time_to_first_token_seconds", "Time to first token", s.ttft
-        )
-        yield _summary("fieldline_engine_inter_token_latency_seconds", "Inter-token latency", s.itl)
-        yield _summary(
-            "fieldline_engine_request_latency_seconds", "Arrival to finish", s.request_latency
-        )
-
-
-class CacheCollector(Collector):
-    """The response cache's counters and size."""
-
-    def __init__(self, cache: ResponseCache) -> None:
-        self.cache = cache
-
-    def collect(self) -> Iterator[Metric]:
-        st = self.cache.stats()
-        for name, doc, value in (
-            ("hits", "Requests answered from the response cache", st.hits),
-            ("misses", "Cacheable requests not in the cache", st.misses),
-            ("prefetches", "Answers stored by the prefetch job", st.prefetches),
-            ("evictions", "Entries dropped for room", st.evictions),
-            ("expirations", "Entries dropped for age", st.expirations),
-            ("invalidations", "Cache clears on a model change", st.invalidations),
-        ):
-            yield CounterMetricFamily(f"fieldline_gateway_cache_{name}", doc, value=value)
-        yield GaugeMetricFamily("fieldline_gateway_cache_entries", "Entries", value=st.entries)
-        yield GaugeMetricFamily("fieldline_gateway_cache_bytes", "Bytes held", value=st.bytes)
 
 
 class GatewayMetrics:
-    """Everything the gateway's /metrics shows, in one registry."""
+    """The HTTP counters, in their own registry (/metrics shows it with the LLM's)."""
 
-    def __init__(self, cache: ResponseCache) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.engine = EngineCollector()
-        self.registry.register(self.engine)
-        self.registry.register(CacheCollector(cache))
         self.requests = Counter(
             "fieldline_gateway_requests",
             "Gateway requests by route and status",
@@ -134,17 +23,5 @@ class GatewayMetrics:
         self.disconnects = Counter(
             "fieldline_gateway_client_disconnects",
             "Requests aborted because the client went away",
-            registry=self.registry,
-        )
-        self.prefetch_runs = Counter(
-            "fieldline_gateway_prefetch_runs",
-            "Prefetch job runs by outcome",
-            ["outcome"],
-            registry=self.registry,
-        )
-        self.explanations = Counter(
-            "fieldline_gateway_explanations",
-            "Alert explanations by outcome",
-            ["outcome"],
             registry=self.registry,
         )

@@ -1,8 +1,10 @@
 """POST /v1/completions and /v1/chat/completions: answers, SSE streams, usage, the cache.
 
-A deterministic request is looked up in the response cache first; a hit never reaches the
-engine. A client that goes away aborts its request: a stream through EventStream, a plain
-request through a watch on the connection.
+Both forms run one path: `_answer` holds the model's lease (`async with`) for as long as its
+pieces flow, and yields them from edge/llm/completions.answer (the response cache first: a hit
+never reaches the engine). A stream sends them as SSE; a plain request collects them. A
+client that goes away closes that path, which releases the lease and aborts the engine
+request: a stream through EventStream, a plain request through a watch on the connection.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
+import structlog
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -23,19 +26,12 @@ from starlette.types import Receive, Scope, Send
 from fieldline.edge.engine.async_engine import EngineStoppedError
 from fieldline.edge.gateway.deps import GatewayState, StateDep
 from fieldline.edge.gateway.schemas import ChatRequest, CompletionRequest
-from fieldline.edge.llm.completions import (
-    GenerationRequest,
-    Piece,
-    Recipe,
-    build_request,
-    remember,
-    run_to_end,
-    stream_pieces,
-)
+from fieldline.edge.llm.completions import Piece, Recipe, answer, collect, prepare
 from fieldline.edge.llm.response_cache import CachedAnswer
-from fieldline.edge.llm.runtime import ModelUnavailable, ServedModel
+from fieldline.edge.llm.runtime import ModelUnavailable
 from fieldline.shared.ids import new_id
 
+log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1")
 T = TypeVar("T")
 
@@ -45,50 +41,56 @@ class ClientGone(Exception):
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events that stop, and close their generator (aborting the engine request),
-    as soon as the client disconnects, whatever ASGI version the server speaks."""
+    """Server-sent events that stop, and close their generators (aborting the engine request),
+    as soon as the client disconnects, whatever ASGI version the server speaks. `source` is
+    the generator the events are made from: closed too, should the events never have started."""
 
-    def __init__(self, content: AsyncIterator[str], on_disconnect: Any = None) -> None:
+    def __init__(
+        self,
+        content: AsyncGenerator[str, None],
+        source: AsyncGenerator[Any, None],
+        on_disconnect: Callable[[], None],
+    ) -> None:
         super().__init__(
             content,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        self._content = content
+        self._content, self._source = content, source
         self._on_disconnect = on_disconnect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
+        # The events close first; the source then, in case the events never started.
+        async with (
+            aclosing(self._source),
+            aclosing(self._content),
+            anyio.create_task_group() as tg,
+        ):
 
-                async def stream() -> None:
-                    try:
-                        await self.stream_response(send)
-                    except OSError:
-                        if self._on_disconnect:
-                            self._on_disconnect()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                if self._on_disconnect and not tg.cancel_scope.cancel_called:
+            async def stream() -> None:
+                try:
+                    await self.stream_response(send)
+                except OSError:
                     self._on_disconnect()
                 tg.cancel_scope.cancel()
-        finally:
-            aclose = getattr(self._content, "aclose", None)
-            if aclose is not None:
-                await aclose()
+
+            tg.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            if not tg.cancel_scope.cancel_called:
+                self._on_disconnect()
+            tg.cancel_scope.cancel()
 
 
 @dataclass(frozen=True)
 class _Shape:
-    """How one endpoint shapes its answers."""
+    """How one endpoint shapes its answers, and the model and prompt they come from."""
 
     chat: bool
     model: str
     fingerprint: str
     request_id: str
     created: int
+    prompt_tokens: int
 
     def choice(self, text: str, finish: str | None, *, delta: bool) -> dict[str, Any]:
         if not self.chat:
@@ -137,11 +139,8 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         state,
         request,
         recipe,
-        chat=False,
-        model=body.model,
+        _Endpoint(chat=False, model=body.model, include_usage=body.include_usage),
         stream=body.stream,
-        include_usage=body.include_usage,
-        route="completions",
     )
 
 
@@ -152,12 +151,22 @@ async def chat_completions(body: ChatRequest, request: Request, state: StateDep)
         state,
         request,
         recipe,
-        chat=True,
-        model=body.model,
+        _Endpoint(chat=True, model=body.model, include_usage=body.include_usage),
         stream=body.stream,
-        include_usage=body.include_usage,
-        route="chat",
     )
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """What the request asked for besides the recipe."""
+
+    chat: bool
+    model: str
+    include_usage: bool
+
+    @property
+    def route(self) -> str:
+        return "chat" if self.chat else "completions"
 
 
 def _refuse_bad(make: Callable[[], Recipe]) -> Recipe:
@@ -167,72 +176,86 @@ def _refuse_bad(make: Callable[[], Recipe]) -> Recipe:
         raise HTTPException(400, str(exc)) from None
 
 
-async def _serve(
-    state: GatewayState,
-    request: Request,
-    recipe: Recipe,
-    *,
-    chat: bool,
-    model: str,
-    stream: bool,
-    include_usage: bool,
-    route: str,
-) -> Any:
-    lease = state.llm.lease()
-    try:
-        served = await lease.__aenter__()
-    except ModelUnavailable as exc:
-        raise HTTPException(503, str(exc)) from None
-    released = handed_off = False
+async def _answer(
+    state: GatewayState, recipe: Recipe, endpoint: _Endpoint
+) -> AsyncGenerator[tuple[_Shape, Piece], None]:
+    """The answer's pieces, with the lease on the model held while they flow.
 
-    async def release() -> None:  # once: the stream's end or this handler's, not both
-        nonlocal released
-        if not released:
-            released = True
-            await lease.__aexit__(None, None, None)
-
+    Refusals raise HTTPException before the first piece: 503 (no model, or its engine
+    stopped), 404 (another model), 400 (what the model or engine cannot take). Closing this early releases the
+    lease and aborts the engine request.
+    """
     try:
-        if model != served.name:
-            raise HTTPException(
-                404, f"model {model!r} is not served here; this node serves {served.name!r}"
-            )
-        try:
-            req = build_request(served, recipe)
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
-        state.hot.record(recipe)
-        shape = _Shape(
-            chat=chat,
-            model=served.name,
-            fingerprint=served.ref,
-            request_id=new_id("chatcmpl" if chat else "cmpl"),
-            created=int(time.time()),
-        )
-        cached = state.cache.get(req.cache_key) if req.cache_key is not None else None
-        if stream:
-            events = await _open_stream(state, served, req, shape, cached, include_usage, release)
-            state.metrics.requests.labels(route, "200").inc()
-            handed_off = True  # the stream releases the lease when it ends
-            return EventStream(events, on_disconnect=state.metrics.disconnects.inc)
-        if cached is None:
+        async with state.services.llm.lease() as served:
+            if endpoint.model != served.name:
+                raise HTTPException(
+                    404,
+                    f"model {endpoint.model!r} is not served here; this node serves {served.name!r}",
+                )
             try:
-                cached = await _unless_gone(request, run_to_end(served, req))
-            except ClientGone:
-                state.metrics.disconnects.inc()
-                raise HTTPException(499, "client closed the connection") from None
+                req = await prepare(served, recipe)
             except ValueError as exc:
                 raise HTTPException(400, str(exc)) from None
-            remember(state.cache, req, cached)
-        assert cached is not None
-        state.metrics.requests.labels(route, "200").inc()
-        body = shape.envelope(
-            [shape.choice(cached.text, cached.finish_reason, delta=False)], chunk=False
-        )
-        body["usage"] = _usage(cached.prompt_tokens, cached.completion_tokens)
-        return JSONResponse(body)
-    finally:
-        if not handed_off:
-            await release()
+            state.services.hot.record(recipe)
+            shape = _Shape(
+                chat=endpoint.chat,
+                model=served.name,
+                fingerprint=served.ref,
+                request_id=new_id("chatcmpl" if endpoint.chat else "cmpl"),
+                created=int(time.time()),
+                prompt_tokens=len(req.prompt_ids),
+            )
+            pieces = answer(served, req, state.services.cache)
+            async with aclosing(pieces):
+                try:
+                    first = await anext(pieces)
+                except ValueError as exc:  # the engine refused it (too long for the model)
+                    raise HTTPException(400, str(exc)) from None
+                except EngineStoppedError as exc:  # stopping, or a swap retired it
+                    raise HTTPException(503, str(exc)) from None
+                yield shape, first
+                async for piece in pieces:
+                    yield shape, piece
+    except ModelUnavailable as exc:
+        raise HTTPException(503, str(exc)) from None
+
+
+async def _serve(
+    state: GatewayState, request: Request, recipe: Recipe, endpoint: _Endpoint, *, stream: bool
+) -> Any:
+    pieces = _answer(state, recipe, endpoint)
+    if stream:
+        # The first piece before the 200: a refused request gets its status, not a broken stream.
+        shape, first = await anext(pieces)
+        state.metrics.requests.labels(endpoint.route, "200").inc()
+        events = _events(shape, first, pieces, endpoint.include_usage)
+        return EventStream(events, pieces, on_disconnect=state.metrics.disconnects.inc)
+    try:
+        shape, done = await _unless_gone(request, _collect(pieces))
+    except ClientGone:
+        state.metrics.disconnects.inc()
+        raise HTTPException(499, "client closed the connection") from None
+    except EngineStoppedError as exc:
+        raise HTTPException(503, str(exc)) from None
+    state.metrics.requests.labels(endpoint.route, "200").inc()
+    body = shape.envelope([shape.choice(done.text, done.finish_reason, delta=False)], chunk=False)
+    body["usage"] = _usage(done.prompt_tokens, done.completion_tokens)
+    return JSONResponse(body)
+
+
+async def _collect(
+    pieces: AsyncGenerator[tuple[_Shape, Piece], None],
+) -> tuple[_Shape, CachedAnswer]:
+    """The whole answer: the same pieces a stream would send, joined."""
+    async with aclosing(pieces):
+        shape, first = await anext(pieces)
+
+        async def rest() -> AsyncIterator[Piece]:
+            yield first
+            async for _, piece in pieces:
+                yield piece
+
+        return shape, await collect(rest(), shape.prompt_tokens)
 
 
 async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
@@ -259,31 +282,13 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _open_stream(
-    state: GatewayState,
-    served: ServedModel,
-    req: GenerationRequest,
+async def _events(
     shape: _Shape,
-    cached: CachedAnswer | None,
+    first: Piece,
+    pieces: AsyncGenerator[tuple[_Shape, Piece], None],
     include_usage: bool,
-    release: Callable[[], Awaitable[None]],
 ) -> AsyncGenerator[str, None]:
-    """The SSE event generator, with its first piece already computed, so a request the engine
-    refuses is a 400 before any 200 goes out."""
-    pieces: AsyncGenerator[Piece, None] | None = None
-    first: Piece | None = None
-    if cached is None:
-        pieces = stream_pieces(served, req)
-        try:
-            first = await anext(pieces)
-        except ValueError as exc:
-            await pieces.aclose()
-            await release()
-            raise HTTPException(400, str(exc)) from None
-        except BaseException:
-            await pieces.aclose()
-            await release()
-            raise
+    """The SSE events of an answer whose first piece is in hand."""
     usage_null: dict[str, Any] = {"usage": None} if include_usage else {}
 
     def chunk(text: str, finish: str | None, *, role: bool = False) -> str:
@@ -292,51 +297,23 @@ async def _open_stream(
             choice["delta"] = {"role": "assistant", "content": ""}
         return _sse({**shape.envelope([choice], chunk=True), **usage_null})
 
-    async def live() -> AsyncGenerator[str | CachedAnswer, None]:
-        """Chunks of a generation running now; its answer (for cache and usage) last."""
-        assert pieces is not None and first is not None
-        parts: list[str] = []
+    async with aclosing(pieces):
+        if shape.chat:  # the role comes first, as OpenAI sends it
+            yield chunk("", None, role=True)
         piece = first
-        async with aclosing(pieces):
-            while True:
-                parts.append(piece.text)
-                if piece.text:
-                    yield chunk(piece.text, None)
-                if piece.finish_reason is not None:
-                    break
-                piece = await anext(pieces)
-        answer = CachedAnswer(
-            "".join(parts), piece.finish_reason, len(req.prompt_ids), piece.completion_tokens
-        )
-        remember(state.cache, req, answer)
-        yield answer
-
-    async def events() -> AsyncGenerator[str, None]:
-        try:
-            if shape.chat:  # the role comes first, as OpenAI sends it
-                yield chunk("", None, role=True)
-            answer = cached
-            if answer is not None:
-                if answer.text:
-                    yield chunk(answer.text, None)
-            else:
-                try:
-                    async with aclosing(live()) as items:
-                        async for item in items:
-                            if isinstance(item, CachedAnswer):
-                                answer = item
-                            else:
-                                yield item
-                except EngineStoppedError as exc:  # mid-stream: the status is already sent
-                    yield _sse({"error": {"message": str(exc), "type": "service_unavailable"}})
-                    return
-            assert answer is not None
-            yield chunk("", answer.finish_reason)
-            if include_usage:
-                usage = _usage(answer.prompt_tokens, answer.completion_tokens)
-                yield _sse({**shape.envelope([], chunk=True), "usage": usage})
-            yield _sse("[DONE]")
-        finally:
-            await release()
-
-    return events()
+        while True:
+            if piece.text:
+                yield chunk(piece.text, None)
+            if piece.finish_reason is not None:
+                break
+            try:
+                _, piece = await anext(pieces)
+            except Exception as exc:  # mid-stream: the status is already sent
+                log.warning("stream ended by an error", error=str(exc))
+                yield _sse({"error": {"message": str(exc), "type": "service_unavailable"}})
+                return
+        yield chunk("", piece.finish_reason)
+        if include_usage:
+            usage = _usage(shape.prompt_tokens, piece.completion_tokens)
+            yield _sse({**shape.envelope([], chunk=True), "usage": usage})
+        yield _sse("[DONE]")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fieldline.edge.llm.chat_template import ChatMessage
 from fieldline.edge.llm.completions import Recipe
+from fieldline.shared.health import GatewayHealth, LlmHealth
 
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
@@ -151,3 +152,12 @@ class CompletionRequest(_Sampling):
             stop=self.stops,
             ignore_eos=self.ignore_eos,
         )
+
+
+class HealthResponse(BaseModel):
+    """GET /health: ok (200) when an LLM serves, else unavailable (503) with the reason."""
+
+    status: Literal["ok", "unavailable"]
+    detail: str | None = None
+    llm: LlmHealth
+    gateway: GatewayHealth

@@ -1,14 +1,17 @@
 """One generation as the gateway, the prefetch job and the alert explainer run it.
 
 A `Recipe` is a request in model-independent form (messages or prompt, sampling parameters,
-defaults applied); `build_request` turns it into engine input for the model being served,
-with its cache key when it is deterministic. `stream_pieces` runs it on the engine, applying
-stop strings; `complete` answers it from the cache or runs it to the end and caches it.
+defaults applied); `prepare` turns it into engine input for the model being served (chat
+template and tokenizer run in a worker thread, off the event loop), with its cache key when
+it is deterministic. `generate` streams it from the engine, cut at its stop strings; `answer`
+streams it from the cache or from `generate`, caching what finished; `collect` joins a stream
+into the whole answer. Streamed and whole answers are the same pieces.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -21,6 +24,7 @@ from fieldline.edge.llm.response_cache import (
     is_deterministic,
 )
 from fieldline.edge.llm.runtime import ServedModel
+from fieldline.edge.llm.stop_strings import StopMatcher
 
 # Lower runs first in the engine: people first, then warming, then alert explanations.
 PRIORITY_REQUEST = 0
@@ -50,6 +54,8 @@ class Recipe:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """Engine input for one served model."""
+
     prompt_ids: list[int]
     params: SamplingParams
     stop: tuple[str, ...]
@@ -65,8 +71,16 @@ class Piece:
     completion_tokens: int  # tokens generated so far
 
 
+async def prepare(served: ServedModel, recipe: Recipe) -> GenerationRequest:
+    """build_request in a worker thread: template rendering and tokenizing stay off the loop."""
+    return await asyncio.to_thread(build_request, served, recipe)
+
+
 def build_request(served: ServedModel, recipe: Recipe) -> GenerationRequest:
-    """Engine input for `recipe` on `served`; ValueError for what the model cannot take."""
+    """Engine input for `recipe` on `served`; ValueError for what the model cannot take.
+
+    Blocking (Jinja and the tokenizer): call it through prepare() on the event loop.
+    """
     if recipe.kind == "chat":
         prompt_ids = served.chat_ids(list(recipe.messages))
         stop = tuple(dict.fromkeys(recipe.stop + served.chat_template.stop))
@@ -99,49 +113,79 @@ def build_request(served: ServedModel, recipe: Recipe) -> GenerationRequest:
     return GenerationRequest(prompt_ids, params, stop, key)
 
 
-async def stream_pieces(
+async def generate(
     served: ServedModel, req: GenerationRequest, priority: int = PRIORITY_REQUEST
 ) -> AsyncGenerator[Piece, None]:
-    """Run `req` on the engine. Closing this early aborts the request (its KV blocks free)."""
-    # Text that might be the start of a stop string is held back until it cannot be.
-    hold = max((len(s) for s in req.stop), default=1) - 1
-    text, emitted, tokens = "", 0, 0
+    """Run `req` on the engine; the last piece has the finish reason ("stop" at a stop string).
+
+    Raises ValueError (before any piece) for a request the engine refuses. Closing this early
+    aborts the request, which frees its KV blocks.
+    """
+    stops = StopMatcher(req.stop)
+    tokens = 0
     deltas = served.engine.stream(req.prompt_ids, req.params, priority=priority)
     async with aclosing(deltas):
         async for delta in deltas:
             tokens += len(delta.token_ids)
-            text += delta.text
-            if req.stop:
-                cut = _first_stop(text, req.stop, max(0, emitted - hold))
-                if cut is not None:  # returning closes the stream: the engine aborts the rest
-                    yield Piece(text[emitted:cut], "stop", tokens)
-                    return
-            if delta.finished:
-                yield Piece(text[emitted:], delta.finish_reason or "stop", tokens)
+            cut = stops.feed(delta.text)
+            if cut.stopped:  # returning closes the stream: the engine aborts the rest
+                yield Piece(cut.text, "stop", tokens)
                 return
-            safe = len(text) - hold
-            if safe > emitted:
-                yield Piece(text[emitted:safe], None, tokens)
-                emitted = safe
+            if delta.finished:
+                yield Piece(cut.text + stops.flush(), delta.finish_reason or "stop", tokens)
+                return
+            if cut.text:
+                yield Piece(cut.text, None, tokens)
 
 
-def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(found) if found else None
+async def answer(
+    served: ServedModel,
+    req: GenerationRequest,
+    cache: ResponseCache,
+    *,
+    priority: int = PRIORITY_REQUEST,
+    prefetched: bool = False,
+) -> AsyncGenerator[Piece, None]:
+    """The answer's pieces: one from the cache for a deterministic repeat, else generate()'s,
+    with the finished answer cached (a stream closed early is not)."""
+    if req.cache_key is not None:
+        hit = cache.get(req.cache_key, count=not prefetched)
+        if hit is not None:
+            yield Piece(hit.text, hit.finish_reason, hit.completion_tokens)
+            return
+    parts: list[str] = []
+    async with aclosing(generate(served, req, priority)) as pieces:
+        async for piece in pieces:
+            parts.append(piece.text)
+            if piece.finish_reason is not None:  # cached before the consumer may stop reading
+                done = CachedAnswer(
+                    "".join(parts),
+                    piece.finish_reason,
+                    len(req.prompt_ids),
+                    piece.completion_tokens,
+                )
+                _remember(cache, req, done, prefetched=prefetched)
+            yield piece
+
+
+async def collect(pieces: AsyncIterator[Piece], prompt_tokens: int) -> CachedAnswer:
+    """A stream of pieces joined into the whole answer."""
+    parts: list[str] = []
+    finish, tokens = "stop", 0
+    async for piece in pieces:
+        parts.append(piece.text)
+        tokens = piece.completion_tokens
+        if piece.finish_reason is not None:
+            finish = piece.finish_reason
+    return CachedAnswer("".join(parts), finish, prompt_tokens, tokens)
 
 
 async def run_to_end(
     served: ServedModel, req: GenerationRequest, priority: int = PRIORITY_REQUEST
 ) -> CachedAnswer:
-    parts: list[str] = []
-    finish, tokens = "stop", 0
-    async with aclosing(stream_pieces(served, req, priority)) as pieces:
-        async for piece in pieces:
-            parts.append(piece.text)
-            tokens = piece.completion_tokens
-            if piece.finish_reason is not None:
-                finish = piece.finish_reason
-    return CachedAnswer("".join(parts), finish, len(req.prompt_ids), tokens)
+    """generate() to the end, uncached."""
+    async with aclosing(generate(served, req, priority)) as pieces:
+        return await collect(pieces, len(req.prompt_ids))
 
 
 async def complete(
@@ -151,20 +195,16 @@ async def complete(
     *,
     priority: int = PRIORITY_REQUEST,
     prefetched: bool = False,
-) -> tuple[CachedAnswer, bool]:
-    """The answer and whether it came from the cache (a deterministic repeat)."""
-    if req.cache_key is not None:
-        hit = cache.get(req.cache_key, count=not prefetched)
-        if hit is not None:
-            return hit, True
-    answer = await run_to_end(served, req, priority)
-    remember(cache, req, answer, prefetched=prefetched)
-    return answer, False
+) -> CachedAnswer:
+    """answer() to the end: from the cache, or generated and then cached."""
+    pieces = answer(served, req, cache, priority=priority, prefetched=prefetched)
+    async with aclosing(pieces):
+        return await collect(pieces, len(req.prompt_ids))
 
 
-def remember(
-    cache: ResponseCache, req: GenerationRequest, answer: CachedAnswer, *, prefetched: bool = False
+def _remember(
+    cache: ResponseCache, req: GenerationRequest, done: CachedAnswer, *, prefetched: bool = False
 ) -> None:
     """Cache a finished deterministic answer (never an aborted one)."""
-    if req.cache_key is not None and answer.finish_reason in ("stop", "length"):
-        cache.put(req.cache_key, answer, prefetched=prefetched)
+    if req.cache_key is not None and done.finish_reason in ("stop", "length"):
+        cache.put(req.cache_key, done, prefetched=prefetched)

@@ -17,10 +17,10 @@ from typing import Any
 
 import structlog
 
-from fieldline.edge.gateway.metrics import GatewayMetrics
 from fieldline.edge.inspection.runtime import Verdict
 from fieldline.edge.llm.chat_template import ChatMessage
-from fieldline.edge.llm.completions import PRIORITY_EXPLAIN, Recipe, build_request, run_to_end
+from fieldline.edge.llm.completions import PRIORITY_EXPLAIN, Recipe, prepare, run_to_end
+from fieldline.edge.llm.metrics import LlmMetrics
 from fieldline.edge.llm.runtime import LLMRuntime, ModelUnavailable
 from fieldline.shared.clock import now_ms
 from fieldline.shared.policy import InspectionRule
@@ -51,7 +51,7 @@ class AlertExplainer:
         llm: LLMRuntime,
         publish: PublishFn,
         store: StoreFn,
-        metrics: GatewayMetrics | None = None,
+        metrics: LlmMetrics | None = None,
     ) -> None:
         self.llm = llm
         self._publish = publish
@@ -102,7 +102,7 @@ class AlertExplainer:
                     max_tokens=rule.explain_max_tokens,
                     temperature=0.0,
                 )
-                answer = await run_to_end(served, build_request(served, recipe), PRIORITY_EXPLAIN)
+                answer = await run_to_end(served, await prepare(served, recipe), PRIORITY_EXPLAIN)
                 model = served.ref
         except ModelUnavailable:
             self._count("no_model")

@@ -18,16 +18,16 @@ from dataclasses import dataclass
 import structlog
 
 from fieldline.edge.engine.sequence import SamplingParams
-from fieldline.edge.gateway.metrics import GatewayMetrics
 from fieldline.edge.llm.chat_template import ChatMessage
 from fieldline.edge.llm.completions import (
     PRIORITY_PREFETCH,
     GenerationRequest,
     Recipe,
-    build_request,
     complete,
+    prepare,
     run_to_end,
 )
+from fieldline.edge.llm.metrics import LlmMetrics
 from fieldline.edge.llm.response_cache import ResponseCache
 from fieldline.edge.llm.runtime import LLMRuntime, ModelUnavailable, ServedModel
 from fieldline.shared.config import GatewaySettings
@@ -106,7 +106,7 @@ class Prefetcher:
         hot: HotRequests,
         policy: Callable[[], Policy],
         settings: GatewaySettings,
-        metrics: GatewayMetrics | None = None,
+        metrics: LlmMetrics | None = None,
     ) -> None:
         self.llm = llm
         self.cache = cache
@@ -117,25 +117,46 @@ class Prefetcher:
         self.last: PrefetchReport | None = None
         self._lock = asyncio.Lock()
         self._pending: asyncio.Task[PrefetchReport | None] | None = None
+        self._queued = False  # a woken run waits for the lock and has not started
 
     def wake(self) -> None:
-        """Run soon (a model or policy change); at most one run waits behind the current one."""
-        if self._pending is None or self._pending.done():
-            self._pending = asyncio.get_running_loop().create_task(self.run_once())
+        """Run soon (a model or policy change), after any run in progress; a woken run that
+        has not started yet covers later wakes."""
+        if not self._queued:
+            self._queued = True
+            self._pending = asyncio.get_running_loop().create_task(self._woken())
+
+    async def settled(self) -> None:
+        """Wait for the woken run, if any (tests and the bench wait for the warm-up)."""
+        if self._pending is not None:
+            await asyncio.shield(self._pending)
 
     async def run_once(self) -> PrefetchReport | None:
         """One warm-up pass; None when no model serves."""
         async with self._lock:
+            return await self._run_locked()
+
+    async def _woken(self) -> PrefetchReport | None:
+        async with self._lock:
+            self._queued = False
             try:
-                async with self.llm.lease() as served:
-                    report = await self._run(served, self.policy())
-            except ModelUnavailable:
-                self._count("no_model")
+                return await self._run_locked()
+            except Exception:  # nobody awaits this task: say so here
+                log.exception("prefetch run failed")
+                self._count("failed")
                 return None
-            self.last = report
-            self._count("ok" if not report.errors else "errors")
-            log.info("prefetch done", **report.__dict__)
-            return report
+
+    async def _run_locked(self) -> PrefetchReport | None:
+        try:
+            async with self.llm.lease() as served:
+                report = await self._run(served, self.policy())
+        except ModelUnavailable:
+            self._count("no_model")
+            return None
+        self.last = report
+        self._count("ok" if not report.errors else "errors")
+        log.info("prefetch done", **report.__dict__)
+        return report
 
     def listed_recipes(self, policy: Policy) -> list[Recipe]:
         """The requests a listed prompt stands for: a one-turn chat and a completion, greedy."""
@@ -160,7 +181,10 @@ class Prefetcher:
         return recipes
 
     def template_prompts(self, served: ServedModel, template: str) -> list[list[int]]:
-        """Token ids of a template's fixed prefix, in completion form and chat form."""
+        """Token ids of a template's fixed prefix, in completion form and chat form.
+
+        Blocking (template rendering, tokenizer): _run calls it in a worker thread.
+        """
         prefix = template_prefix(template)
         if not prefix:
             return []
@@ -176,7 +200,7 @@ class Prefetcher:
         recipes = self.listed_recipes(policy) + self.hot.top(self.settings.hot_top_n)
         for recipe in dict.fromkeys(recipes):
             try:
-                req = build_request(served, recipe)
+                req = await prepare(served, recipe)
                 if req.cache_key is None or self.cache.contains(req.cache_key):
                     report.prompts_fresh += 1
                     continue
@@ -188,7 +212,7 @@ class Prefetcher:
         block = served.config.block_size
         for template in policy.prompt_templates:
             try:
-                forms = self.template_prompts(served, template)
+                forms = await asyncio.to_thread(self.template_prompts, served, template)
             except ValueError as exc:
                 report.errors += 1
                 log.warning("prefetch template refused", error=str(exc))

@@ -1,4 +1,4 @@
-"""The gateway's response cache: LRU with a TTL, bounded in bytes, for deterministic requests only.
+"""The LLM services' response cache: LRU with a TTL, bounded in bytes, for deterministic requests only.
 
 Keys hash the model version and the normalized request (the exact engine input and the
 sampling parameters), so a new model version never sees the old one's answers; the owner also

@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -22,13 +21,18 @@ from fieldline.edge.engine.async_engine import AsyncLLMEngine
 from fieldline.edge.engine.config import EngineConfig
 from fieldline.edge.llm.chat_template import ChatMessage, ChatTemplate, load_chat_template
 from fieldline.shared.config import LLMSettings
-from fieldline.shared.health import ModelHealth
+from fieldline.shared.health import (
+    HEALTH_WINDOW_S,
+    EngineConfigReport,
+    LlmHealth,
+    ModelHealth,
+    p95,
+)
 from fieldline.shared.llm_artifact import unpack_checkpoint
 
 log = structlog.get_logger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"  # unpacked beside the installed artifact file
-HEALTH_WINDOW_S = 60.0  # the window of model_health(), as for the inspection models
 STOP_DRAIN_S = 5.0  # on shutdown, requests in flight get this long before they are aborted
 
 
@@ -43,14 +47,12 @@ class ServedModel:
         self,
         name: str,
         version: str,
-        checkpoint: Path,
         engine: AsyncLLMEngine,
         config: EngineConfig,
         chat_template: ChatTemplate,
     ) -> None:
         self.name = name
         self.version = version
-        self.checkpoint = checkpoint
         self.engine = engine
         self.config = config
         self.chat_template = chat_template
@@ -92,7 +94,6 @@ class LLMRuntime:
         self.error: str | None = None
         self.loading: str | None = None
         self.failed: tuple[str, str] | None = None  # (name, version) of the last failed load
-        self.loads = 0
         # Called with the new model (None: none) after every switch: the cache clears here.
         self.on_change: list[Callable[[ServedModel | None], None]] = []
         self._lock = asyncio.Lock()
@@ -144,7 +145,6 @@ class LLMRuntime:
             finally:
                 self.loading = None
             self.current, self.error, self.failed = served, None, None
-            self.loads += 1
             log.info(
                 "LLM serving",
                 model=served.ref,
@@ -170,6 +170,10 @@ class LLMRuntime:
             cur, self.current = self.current, None
             if cur is not None:
                 self._retire(cur, STOP_DRAIN_S)
+        await self.retired()
+
+    async def retired(self) -> None:
+        """Wait until every version being retired has drained and stopped its engine."""
         for task in list(self._retiring):
             with suppress(asyncio.CancelledError):
                 await task
@@ -216,9 +220,7 @@ class LLMRuntime:
                 slo_itl_p95_ms=self.settings.slo_itl_p95_ms,
             )
         engine = AsyncLLMEngine(config)
-        return ServedModel(
-            name, version, checkpoint, engine, config, load_chat_template(checkpoint)
-        )
+        return ServedModel(name, version, engine, config, load_chat_template(checkpoint))
 
     def _device(self) -> str:
         if self.settings.device != "auto":
@@ -244,7 +246,7 @@ class LLMRuntime:
             outcomes = list(cur.engine.outcomes)
             window = [o for o in outcomes if o.at >= time.monotonic() - HEALTH_WINDOW_S]
             failed = sum(1 for o in window if not o.ok)
-            ok_ms = sorted(o.latency_s * 1000.0 for o in window if o.ok)
+            ok_ms = [o.latency_s * 1000.0 for o in window if o.ok]
             report[cur.name] = ModelHealth(
                 name=cur.name,
                 version=cur.version,
@@ -257,7 +259,7 @@ class LLMRuntime:
                 window_requests=len(window),
                 window_errors=failed,
                 error_rate=failed / len(window) if window else 0.0,
-                p95_latency_ms=ok_ms[-(-95 * len(ok_ms) // 100) - 1] if ok_ms else None,
+                p95_latency_ms=p95(ok_ms),
             )
         if self.failed is not None and self.error:
             name, version = self.failed
@@ -266,23 +268,31 @@ class LLMRuntime:
             )
         return report
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> LlmHealth:
         """What the node reports about its LLM, the tuned engine config included."""
         cur = self.current
         state = "serving" if cur else ("loading" if self.loading else "none")
         if self.error and not cur:
             state = "failed"
-        report: dict[str, Any] = {
-            "state": state,
-            "loaded": cur is not None,
-            "model": cur.name if cur else None,
-            "version": cur.version if cur else None,
-            "loading": self.loading,
-            "error": self.error,
-            "inflight": cur.inflight if cur else 0,
-            "retiring": len(self._retiring),
-        }
-        if cur is not None:
-            report["engine_config"] = json.loads(cur.config.to_json())
-            report["chat_template"] = "default" if cur.chat_template.is_default else "checkpoint"
-        return report
+        return LlmHealth(
+            state=state,
+            loaded=cur is not None,
+            model=cur.name if cur else None,
+            version=cur.version if cur else None,
+            loading=self.loading is not None,
+            loading_ref=self.loading,
+            error=self.error[:2000] if self.error else None,
+            inflight=cur.inflight if cur else 0,
+            retiring=len(self._retiring),
+            engine_config=engine_config_report(cur.config) if cur else None,
+            chat_template=("default" if cur.chat_template.is_default else "checkpoint")
+            if cur
+            else None,
+        )
+
+
+def engine_config_report(config: EngineConfig) -> EngineConfigReport:
+    """The knobs of `config` that health reports (the checkpoint path and seed stay local)."""
+    return EngineConfigReport(
+        **{name: getattr(config, name) for name in EngineConfigReport.model_fields}
+    )

@@ -1,7 +1,8 @@
-"""The edge's local-LLM side as one owned unit: the LLM runtime, the response cache, the prefetch
-job, the alert explainer and the HTTP gateway, started and stopped in order.
+"""The edge's local-LLM side as one owned unit: the LLM runtime, the response cache, the
+hot-request tracker, the prefetch job and the alert explainer, started and stopped in order.
 
-The agent builds one; tests and bench/gateway.py build one the same way.
+The agent builds one and serves it over HTTP with edge/gateway (GatewayServer); the tests'
+ThreadedGateway and bench/gateway.py do the same. `choose_llm` picks what it serves.
 """
 
 from __future__ import annotations
@@ -9,19 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry
 
-from fieldline.edge.gateway.app import GatewayError, GatewayServer
-from fieldline.edge.gateway.deps import GatewayState, InspectFn
-from fieldline.edge.gateway.metrics import GatewayMetrics
 from fieldline.edge.llm.explanations import AlertExplainer, PublishFn, StoreFn
+from fieldline.edge.llm.metrics import LlmMetrics
 from fieldline.edge.llm.prefetch import HotRequests, Prefetcher
 from fieldline.edge.llm.response_cache import ResponseCache
 from fieldline.edge.llm.runtime import LLMRuntime, ServedModel
 from fieldline.shared.config import GatewaySettings, LLMSettings
+from fieldline.shared.health import CacheHealth, LlmHealth, PrefetchHealth
 from fieldline.shared.policy import Policy
 
 log = structlog.get_logger(__name__)
@@ -59,62 +57,36 @@ def choose_llm(policy: Policy, active_llms: dict[str, tuple[str, Path]]) -> LLMC
     return LLMChoice(name, version, path)
 
 
-class GatewayStack:
+class LlmServices:
+    """Runtime, response cache, hot requests, prefetcher, explainer; `settings` are the
+    gateway's (cache bounds, hot window, prefetch), which configure these services."""
+
     def __init__(
         self,
-        gateway: GatewaySettings,
+        settings: GatewaySettings,
         llm: LLMSettings,
         policy: Callable[[], Policy],
         *,
-        data_dir: Path | None = None,
-        inspect: InspectFn | None = None,
         publish: PublishFn | None = None,
         store: StoreFn | None = None,
-        extra_registries: list[CollectorRegistry] | None = None,
     ) -> None:
-        self.settings = gateway
-        self.policy = policy
         self.llm = LLMRuntime(llm)
-        self.cache = ResponseCache(gateway.cache_max_bytes, gateway.cache_ttl_s)
-        self.hot = HotRequests(gateway.hot_window_s)
-        self.metrics = GatewayMetrics(self.cache)
-        self.state = GatewayState(
-            settings=gateway,
-            llm=self.llm,
-            cache=self.cache,
-            hot=self.hot,
-            metrics=self.metrics,
-            inspect=inspect,
-            extra_registries=list(extra_registries or []),
-        )
+        self.cache = ResponseCache(settings.cache_max_bytes, settings.cache_ttl_s)
+        self.hot = HotRequests(settings.hot_window_s)
+        self.metrics = LlmMetrics(self.cache)
         self.prefetcher = Prefetcher(
-            self.llm, self.cache, self.hot, policy, gateway, metrics=self.metrics
+            self.llm, self.cache, self.hot, policy, settings, metrics=self.metrics
         )
         self.explainer = AlertExplainer(
             self.llm, publish or _nowhere, store or _nowhere_store, metrics=self.metrics
         )
-        self.server = GatewayServer(self.state, data_dir) if gateway.enabled else None
-        self.error: str | None = None
         self.llm.on_change.append(self._on_model_change)
 
-    @property
-    def port(self) -> int | None:
-        return self.server.port if self.server else None
-
     async def start(self) -> None:
-        """Start the explainer and the HTTP server; a port that cannot be bound is reported in
-        health() and logged, and the rest of the node goes on."""
         self.explainer.start()
-        if self.server is not None:
-            try:
-                await self.server.start()
-            except GatewayError as exc:
-                self.error = str(exc)
-                log.error("gateway not started", error=str(exc))
 
     async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.stop()
+        """Explanations in flight are cancelled, then the model drains and stops."""
         await self.explainer.stop()
         await self.llm.stop()
 
@@ -130,22 +102,22 @@ class GatewayStack:
         # Answers of the old version must never be served for the new one.
         self.cache.clear()
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> LlmHealth:
+        return self.llm.health()
+
+    def cache_health(self) -> CacheHealth:
         stats = self.cache.stats()
+        return CacheHealth(
+            entries=stats.entries,
+            bytes=stats.bytes,
+            hits=stats.hits,
+            misses=stats.misses,
+            prefetches=stats.prefetches,
+        )
+
+    def prefetch_health(self) -> PrefetchHealth | None:
         last = self.prefetcher.last
-        return {
-            "listening": self.port,
-            "error": self.error,
-            "cache": {
-                "entries": stats.entries,
-                "bytes": stats.bytes,
-                "hits": stats.hits,
-                "misses": stats.misses,
-                "prefetches": stats.prefetches,
-            },
-            "prefetch": last.__dict__ if last else None,
-            "explanations_published": self.explainer.published,
-        }
+        return PrefetchHealth.model_validate(last, from_attributes=True) if last else None
 
 
 def _nowhere(topic: str, payload: bytes) -> None:

@@ -1,6 +1,6 @@
-"""A tiny random-weight Llama written by transformers, with a tokenizer trained here, and a
-gateway stack run on its own event loop thread so synchronous clients (openai, httpx) can
-talk to it as they would to a node."""
+"""A tiny random-weight Llama written by transformers, with a tokenizer trained here, and the
+LLM services with their gateway server run on their own event loop thread, so synchronous
+clients (openai, httpx) can talk to them as they would to a node."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from fieldline.edge.llm.services import GatewayStack, LLMChoice
+from fieldline.edge.gateway.app import GatewayServer
+from fieldline.edge.gateway.deps import GatewayState
+from fieldline.edge.llm.services import LLMChoice, LlmServices
 from fieldline.shared.config import GatewaySettings, LLMSettings
 from fieldline.shared.policy import Policy
 from tests.edge.engine.conftest import train_tokenizer
@@ -34,13 +36,15 @@ def write_tiny_llama(
     hidden: int = 64,
     layers: int = 2,
     max_positions: int = 1024,
+    vocab: int = VOCAB,
+    corpus: list[str] | None = None,
 ) -> Path:
     """A random Llama checkpoint with tokenizer.json; large init so greedy has no near-ties."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -53,7 +57,7 @@ def write_tiny_llama(
     )
     LlamaForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
     (path / "chat_template.jinja").unlink(missing_ok=True)
-    train_tokenizer(path, VOCAB)
+    train_tokenizer(path, vocab, corpus)
     if chat_template is not None:
         cfg_path = path / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text())
@@ -63,7 +67,8 @@ def write_tiny_llama(
 
 
 class ThreadedGateway:
-    """A GatewayStack on a private event loop thread; call() runs a coroutine there."""
+    """LlmServices and a GatewayServer on a private event loop thread, built, started and
+    stopped as the agent does; call() runs a coroutine there."""
 
     def __init__(
         self,
@@ -75,8 +80,11 @@ class ThreadedGateway:
         self.llm_settings = llm or LLMSettings(device="cpu", kv_cache_bytes=8 * 1024 * 1024)
         self.policy = policy or Policy()
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.stack: GatewayStack | None = None
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, daemon=True, name="gateway-loop"
+        )
+        self.services: LlmServices | None = None
+        self.server: GatewayServer | None = None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 300) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -84,34 +92,48 @@ class ThreadedGateway:
     def start(self) -> ThreadedGateway:
         self._thread.start()
 
-        async def build() -> GatewayStack:
-            stack = GatewayStack(self.gateway_settings, self.llm_settings, lambda: self.policy)
-            await stack.start()
-            return stack
+        async def build() -> tuple[LlmServices, GatewayServer]:
+            services = LlmServices(self.gateway_settings, self.llm_settings, lambda: self.policy)
+            await services.start()
+            server = GatewayServer(GatewayState(settings=self.gateway_settings, services=services))
+            await server.start()
+            return services, server
 
-        self.stack = self.call(build())
+        self.services, self.server = self.call(build())
         return self
 
+    @property
+    def loop_thread_name(self) -> str:
+        return self._thread.name
+
+    @property
+    def state(self) -> GatewayState:
+        assert self.server is not None
+        return self.server.state
+
     def load(self, path: Path, name: str = "assistant", version: str = "1") -> None:
-        assert self.stack is not None
-        stack = self.stack
+        """Serve the checkpoint at `path`, and wait for the warm-up that follows a load."""
+        services = self.services
+        assert services is not None
 
         async def apply() -> None:
-            await stack.apply(LLMChoice(name, version, path))
-            task = stack.prefetcher._pending
-            if task is not None:  # let the warm-up that follows a load finish
-                await task
+            await services.apply(LLMChoice(name, version, path))
+            await services.prefetcher.settled()
 
         self.call(apply())
 
     @property
     def url(self) -> str:
-        assert self.stack is not None
-        return f"http://127.0.0.1:{self.stack.port}"
+        assert self.server is not None and self.server.port is not None, "not listening"
+        return f"http://127.0.0.1:{self.server.port}"
 
     def stop(self) -> None:
-        if self.stack is not None:
-            self.call(self.stack.stop())
+        async def stop(server: GatewayServer, services: LlmServices) -> None:
+            await server.stop()
+            await services.stop()
+
+        if self.server is not None and self.services is not None:
+            self.call(stop(self.server, self.services))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()

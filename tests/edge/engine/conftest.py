@@ -13,11 +13,22 @@ CORPUS = [
     "the conveyor belt moves parts to the camera",
     "inspect the weld seam and report defects",
 ] * 8
+# Plant talk in Chinese and Japanese: a tokenizer trained on it has multi-byte pieces, and
+# byte-level BPE splits characters the corpus does not merge across several tokens.
+CJK_CORPUS = [
+    "冲压线在第四工位停止了",
+    "烤箱温度在范围内",
+    "传送带把零件送到相机",
+    "检查焊缝并报告缺陷",
+    "プレスラインが停止しました",
+    "溶接の継ぎ目を検査してください",
+] * 8
 SPECIAL = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2 match the tiny checkpoints' bos/eos ids
 
 
-def train_tokenizer(directory: Path, vocab_size: int) -> Path:
-    """Write tokenizer.json and tokenizer_config.json (a byte-level BPE) into `directory`."""
+def train_tokenizer(directory: Path, vocab_size: int, corpus: list[str] | None = None) -> Path:
+    """Write tokenizer.json and tokenizer_config.json (a byte-level BPE trained on `corpus`,
+    CORPUS by default) into `directory`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -28,7 +39,7 @@ def train_tokenizer(directory: Path, vocab_size: int) -> Path:
         special_tokens=SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus or CORPUS, trainer=trainer)
     assert tok.get_vocab_size() <= vocab_size
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))

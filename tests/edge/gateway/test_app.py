@@ -220,9 +220,10 @@ def test_listed_prompts_and_template_prefixes_are_warm_before_the_first_request(
     warmed: ThreadedGateway,
 ) -> None:
     gateway = warmed
-    url, stack = gateway.url, gateway.stack
-    assert stack is not None and stack.prefetcher.last is not None
-    assert stack.prefetcher.last.prompts_warmed >= 2 and stack.prefetcher.last.prefixes_warmed >= 1
+    url, services = gateway.url, gateway.services
+    assert services is not None and services.prefetcher.last is not None
+    last = services.prefetcher.last
+    assert last.prompts_warmed >= 2 and last.prefixes_warmed >= 1
     assert metric(url, "fieldline_gateway_cache_prefetches_total") >= 2
 
     hits = metric(url, "fieldline_gateway_cache_hits_total")
@@ -242,7 +243,7 @@ def test_listed_prompts_and_template_prefixes_are_warm_before_the_first_request(
     assert metric(url, "fieldline_engine_requests_finished_total") == finished
 
     filled = TEMPLATE.format(alarm="E42 oven over temperature")
-    served = stack.llm.current
+    served = services.llm.current
     assert served is not None
     ids = served.encode(filled)
     warm = gateway.call(served.engine.cached_prefix_tokens(ids))
@@ -267,10 +268,10 @@ def test_hot_requests_are_warmed_again_after_they_leave_the_cache(
     body = {"model": MODEL, "prompt": "the conveyor belt moves", "max_tokens": 6, "temperature": 0}
     for _ in range(3):
         assert httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=60).status_code == 200
-    stack = gateway.stack
-    assert stack is not None
-    stack.cache.clear()
-    report = gateway.call(stack.prefetcher.run_once())
+    services = gateway.services
+    assert services is not None
+    services.cache.clear()
+    report = gateway.call(services.prefetcher.run_once())
     assert report is not None and report.prompts_warmed >= 1
     hits = metric(gateway.url, "fieldline_gateway_cache_hits_total")
     finished = metric(gateway.url, "fieldline_engine_requests_finished_total")
@@ -389,8 +390,8 @@ def test_bad_requests_get_openai_shaped_errors(gateway: ThreadedGateway) -> None
         with pytest.raises(NotFoundError):
             client.completions.create(model="gpt-4", prompt="hi", stream=stream)
     # refused requests hold no lease on the model (a version swap would wait for them)
-    assert gateway.stack is not None and gateway.stack.llm.current is not None
-    assert gateway.stack.llm.current.inflight == 0
+    assert gateway.services is not None and gateway.services.llm.current is not None
+    assert gateway.services.llm.current.inflight == 0
 
 
 def test_a_new_version_drains_streams_in_flight_and_invalidates_the_cache(
@@ -431,11 +432,11 @@ def test_a_new_version_drains_streams_in_flight_and_invalidates_the_cache(
         t.join(120)
         assert long_chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert {c["system_fingerprint"] for c in long_chunks} == {f"{MODEL}@1"}
-        assert g.stack is not None
+        assert g.services is not None
         deadline = time.monotonic() + 10
-        while g.stack.llm.health()["retiring"] and time.monotonic() < deadline:
+        while g.services.llm.health().retiring and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert g.stack.llm.health()["retiring"] == 0
+        assert g.services.llm.health().retiring == 0
     finally:
         g.stop()
 
@@ -451,6 +452,8 @@ def test_api_key_health_and_no_model(checkpoint: Path) -> None:
         assert httpx.get(f"{url}/v1/models", headers=auth).json() == {"object": "list", "data": []}
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and health.json()["llm"]["state"] == "none"
+        assert health.json()["gateway"]["listening"] == g.server.port  # type: ignore[union-attr]
+        assert health.json()["gateway"]["cache"]["entries"] == 0
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
         r = httpx.post(f"{url}/v1/chat/completions", json=chat, headers=auth)
         assert r.status_code == 503 and "no LLM" in r.json()["error"]["message"]
@@ -461,16 +464,16 @@ def test_api_key_health_and_no_model(checkpoint: Path) -> None:
         health = httpx.get(f"{url}/health")
         assert health.status_code == 503 and health.json()["llm"]["state"] == "failed"
         assert "gpt2" in health.json()["detail"]
-        assert g.stack is not None
+        assert g.services is not None
         # what a rollout's health gate reads: the version that did not load, and why
-        failed = g.stack.llm.model_health()[MODEL]
+        failed = g.services.llm.model_health()[MODEL]
         assert (failed.version, failed.kind, failed.loaded) == ("0", "llm", False)
         assert failed.error is not None and "gpt2" in failed.error
         g.load(checkpoint, MODEL, "1")
         assert httpx.get(f"{url}/health").status_code == 200
         r = httpx.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": 2}, headers=auth)
         assert r.status_code == 200
-        served = g.stack.llm.model_health()[MODEL]
+        served = g.services.llm.model_health()[MODEL]
         assert (served.version, served.loaded, served.serving, served.error) == (
             "1",
             True,
@@ -479,7 +482,23 @@ def test_api_key_health_and_no_model(checkpoint: Path) -> None:
         )
         assert served.window_requests == 1 and served.window_errors == 0
         assert served.p95_latency_ms is not None and served.p95_latency_ms > 0
-        g.call(g.stack.llm.deactivate())
+        g.call(g.services.llm.deactivate())
         assert httpx.get(f"{url}/health").status_code == 503
     finally:
         g.stop()
+
+
+def test_a_port_that_cannot_be_bound_is_reported_in_health() -> None:
+    first = ThreadedGateway(llm=LLM).start()
+    try:
+        assert first.server is not None
+        taken = GatewaySettings(port=first.server.port or 0)
+        second = ThreadedGateway(taken, llm=LLM).start()
+        try:
+            health = second.state.health()
+            assert health.listening is None
+            assert health.error is not None and "cannot listen" in health.error
+        finally:
+            second.stop()
+    finally:
+        first.stop()

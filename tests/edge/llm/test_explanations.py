@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from fieldline.cli.harness.classifier import TrainedClassifier, make_frame, train_classifier
 from fieldline.edge.inspection.runtime import InspectionRuntime, Verdict
-from fieldline.edge.llm.services import GatewayStack, LLMChoice
+from fieldline.edge.llm.services import LLMChoice, LlmServices
 from fieldline.shared.config import GatewaySettings, InspectionSettings, LLMSettings
 from fieldline.shared.policy import Policy
 from tests.support.tiny_llm import ThreadedGateway, write_tiny_llama
@@ -31,7 +31,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedClassifier:
 
 
 class Node:
-    """The inspection runtime and a gateway stack wired as the agent wires them."""
+    """The inspection runtime, the LLM services and their gateway wired as the agent wires them."""
 
     def __init__(self, trained: TrainedClassifier, llm_dir: Path, template: str | None) -> None:
         rule = trained.rule(
@@ -56,17 +56,17 @@ class Node:
 
     def start(self, llm_dir: Path) -> Node:
         self.gw.start()
-        stack = self.gw.stack
-        assert stack is not None
-        stack.state.inspect = lambda rule, payload, publish: self.runtime.submit(
+        services = self.gw.services
+        assert services is not None
+        self.gw.state.inspect = lambda rule, payload, publish: self.runtime.submit(
             rule, payload, publish=publish
         )
-        stack.explainer._publish = self._publish_explanation  # type: ignore[method-assign]
-        stack.explainer._store = self._store_explanation  # type: ignore[method-assign]
-        self.stack: GatewayStack = stack
+        services.explainer._publish = self._publish_explanation  # type: ignore[method-assign]
+        services.explainer._store = self._store_explanation  # type: ignore[method-assign]
+        self.services: LlmServices = services
         self.runtime.start()
         self.runtime.apply_policy(self.policy, {"defects": ("1", self.trained_path)})
-        self.gw.call(stack.apply(LLMChoice("assistant", "1", llm_dir)))
+        self.gw.call(services.apply(LLMChoice("assistant", "1", llm_dir)))
         return self
 
     def _publish(self, topic: str, payload: bytes) -> None:
@@ -77,7 +77,7 @@ class Node:
         with self.lock:
             self.events.append((time.monotonic(), "verdict-stored", verdict))
         rule = self.policy.inspections[0]
-        self.stack.explainer.on_verdict(verdict, rule)  # as DataPlane._store_verdict does
+        self.services.explainer.on_verdict(verdict, rule)  # as DataPlane._store_verdict does
 
     def _publish_explanation(self, topic: str, payload: bytes) -> None:
         with self.lock:
