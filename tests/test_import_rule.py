@@ -54,6 +54,12 @@ def test_the_tree_keeps_the_import_rule(tree: Path) -> None:
     [
         # control must not reach into the LLM side
         ("edge/control/backoff.py", "import fieldline.edge.llm.runtime", "control imports none"),
+        # nothing but the agent may import the gateway
+        (
+            "edge/llm/completions.py",
+            "import fieldline.edge.gateway.app",
+            "nothing imports the gateway",
+        ),
         # the cloud never imports the edge
         ("cloud/tunnel/records.py", "import fieldline.edge.store", "cloud and edge never import"),
         # kernels stay free of the rest
