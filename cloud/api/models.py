@@ -8,7 +8,8 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from fieldline.cloud.store.auth import Role
-from fieldline.shared.schemas import coerce_labels
+from fieldline.shared.health import NodeHealth
+from fieldline.shared.schemas import ArtifactStatus, NodeInfo, coerce_labels
 
 
 class KeyCreate(BaseModel):
@@ -51,11 +52,13 @@ class NodePublic(BaseModel):
     last_seen: datetime | None
     desired_generation: int
     applied_generation: int
-    artifacts: list[dict[str, Any]] = Field(default_factory=list)
-    active: dict[str, str] = Field(default_factory=dict)
+    artifacts: list[ArtifactStatus] = Field(default_factory=list)
+    active: dict[str, str] = Field(default_factory=dict)  # name -> version it runs
     errors: list[str] = Field(default_factory=list)
-    health: dict[str, Any] = Field(default_factory=dict)
-    node_info: dict[str, Any] = Field(default_factory=dict)
+    # The latest heartbeat's health (else the one in the observed state); None before either.
+    health: NodeHealth | None = None
+    health_at: datetime | None = None  # when that heartbeat arrived
+    node_info: NodeInfo = Field(default_factory=NodeInfo)
     synced_seq: int = 0
     revoked_at: datetime | None = None  # a revoked node can no longer connect
     tls: bool = False  # it holds a client certificate issued at enrollment
