@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
+from fieldline.cloud.rollouts.spec import RolloutSpec
 from fieldline.cloud.store.auth import Role
 from fieldline.shared.health import NodeHealth
 from fieldline.shared.schemas import ArtifactStatus, NodeInfo, coerce_labels
@@ -154,7 +155,7 @@ class RolloutPublic(BaseModel):
     artifact: str | None
     policy: str | None  # the policy's name
     selector: dict[str, str]
-    spec: dict[str, Any]
+    spec: RolloutSpec
     wave: int  # 1-based index of the current (or last) wave
     waves: list[RolloutWavePublic]
     soak_started_at: datetime | None
