@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 from fieldline.cloud.rollouts.spec import RolloutSpec
 from fieldline.cloud.store.auth import Role
 from fieldline.shared.health import NodeHealth
+from fieldline.shared.policy import Policy
 from fieldline.shared.schemas import ArtifactStatus, NodeInfo, coerce_labels
 
 
@@ -88,7 +89,7 @@ class AssignmentPublic(BaseModel):
 
 
 class PolicyApply(BaseModel):
-    policy: dict[str, Any]
+    policy: Policy
     selector: dict[str, str]
 
     _selector = field_validator("selector", mode="before")(coerce_labels)
