@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from fieldline.shared.health import ModelHealth, NodeHealth
+from fieldline.shared.limits import MAX_TUNNEL_MESSAGE_BYTES
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
 from fieldline.shared.schemas import (
@@ -42,7 +43,7 @@ CHANNEL_OPTIONS = [
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_TUNNEL_MESSAGE_BYTES),
 ]
 
 

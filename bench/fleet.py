@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import secrets
 import signal
@@ -32,6 +31,7 @@ import httpx
 
 from fieldline.cli.admin_client import AdminClient
 from fieldline.cli.harness.processes import ProcessStack, start_cloud
+from fieldline.shared.health import p95 as health_p95
 
 CLIENT = Path(__file__).resolve().with_name("_fleet_client.py")
 CONNECT_TIMEOUT_S = 600.0
@@ -61,10 +61,9 @@ def cpu_s(pid: int) -> float:
 
 
 def p95(values: list[float]) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+    """shared/health.py's p95 (the one the gates read); NaN for no samples."""
+    found = health_p95(values)
+    return float("nan") if found is None else found
 
 
 class Clients:

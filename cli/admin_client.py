@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -98,7 +99,8 @@ class AdminClient:
         return self._request("GET", "/v1/nodes")  # type: ignore[no-any-return]
 
     def get_node(self, node_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/nodes/{node_id}")  # type: ignore[no-any-return]
+        # Quoted: an id with a "/" must not address another route.
+        return self._request("GET", f"/v1/nodes/{quote(node_id, safe='')}")  # type: ignore[no-any-return]
 
     def set_labels(self, node_id: str, labels: dict[str, str]) -> dict[str, Any]:
         return self._request("PUT", f"/v1/nodes/{node_id}/labels", json={"labels": labels})  # type: ignore[no-any-return]

@@ -1,4 +1,4 @@
-"""The `fieldline` command: one typer app with cloud, edge, admin and engine sub-commands.
+"""The `fieldline` command: one typer app, a module of cli/commands/ per command group.
 
 Heavy modules (torch, grpc servers) are imported inside the commands that need them, so
 `fieldline --help` and the admin commands start fast.
@@ -8,27 +8,36 @@ from __future__ import annotations
 
 import typer
 
-from fieldline.cli.commands import admin as admin_cmds
-from fieldline.cli.commands import daemons as daemon_cmds
-from fieldline.cli.commands import engine as engine_cmds
-from fieldline.cli.commands import rollout as rollout_cmds
+from fieldline.cli.commands import (
+    artifact,
+    assign,
+    cloud,
+    edge,
+    engine,
+    key,
+    nodes,
+    policy,
+    records,
+    rollout,
+    token,
+)
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     help="fieldline: edge-and-cloud deployment agent for industrial AI.",
 )
-app.add_typer(daemon_cmds.cloud_app, name="cloud")
-app.add_typer(daemon_cmds.edge_app, name="edge")
-app.add_typer(admin_cmds.token_app, name="token")
-app.add_typer(admin_cmds.key_app, name="key")
-app.add_typer(admin_cmds.artifact_app, name="artifact")
-app.add_typer(admin_cmds.nodes_app, name="nodes")
-app.add_typer(admin_cmds.policy_app, name="policy")
-app.command("assign")(admin_cmds.assign)
-app.add_typer(engine_cmds.engine_app, name="engine")
-app.command("records")(admin_cmds.records)
-app.add_typer(rollout_cmds.rollout_app, name="rollout")
+app.add_typer(cloud.cloud_app, name="cloud")
+app.add_typer(edge.edge_app, name="edge")
+app.add_typer(token.token_app, name="token")
+app.add_typer(key.key_app, name="key")
+app.add_typer(artifact.artifact_app, name="artifact")
+app.add_typer(nodes.nodes_app, name="nodes")
+app.add_typer(policy.policy_app, name="policy")
+app.command("assign")(assign.assign)
+app.add_typer(engine.engine_app, name="engine")
+app.command("records")(records.records)
+app.add_typer(rollout.rollout_app, name="rollout")
 
 
 @app.command("demo")

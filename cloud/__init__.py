@@ -1,1 +1,1 @@
-"""fieldline.cloud."""
+"""The cloud controller: admin API, tunnel server, artifacts, rollouts and their store."""

@@ -19,9 +19,10 @@ from fieldline.cloud.api.app import create_app
 from fieldline.cloud.api.http_guard import guarded_protocol
 from fieldline.cloud.context import BootstrapKeyError, CloudContext, open_context
 from fieldline.cloud.pki import PkiError, TlsMaterial, load_tls
+from fieldline.cloud.tunnel.enrollment import EnrollmentService
 from fieldline.cloud.tunnel.limits import HARD_FACTOR, MessageLimitInterceptor
 from fieldline.cloud.tunnel.ratelimit import RateLimiter
-from fieldline.cloud.tunnel.service import EnrollmentService, TunnelService
+from fieldline.cloud.tunnel.service import TunnelService
 from fieldline.shared.config import CloudSettings
 from fieldline.shared.logs import configure_logging
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc

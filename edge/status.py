@@ -1,16 +1,22 @@
-"""`fieldline edge status`: what a node has, read from its store (also while the daemon runs)."""
+"""`fieldline edge status`: what a node has, read from its store (also while the daemon runs).
+
+Health is the NodeHealth the daemon keeps in the store's `health` meta each heartbeat (the same
+document it sends the cloud), else the one in its last observed state.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from fieldline.edge.store import EdgeStore, StoreError
+from fieldline.shared.health import NodeHealth
+from fieldline.shared.schemas import ArtifactStatus
 
 
 class StatusError(Exception):
@@ -26,8 +32,10 @@ class EdgeStatus(BaseModel):
     applied_generation: int
     active: dict[str, str]
     errors: list[str]
-    health: dict[str, Any]
-    artifacts: list[dict[str, Any]]
+    health: NodeHealth | None
+    health_at: datetime | None = None  # when the daemon last stored it
+    health_error: str | None = None  # the stored health did not read as NodeHealth
+    artifacts: list[ArtifactStatus]
 
 
 def read_status(data_dir: Path) -> EdgeStatus:
@@ -43,15 +51,29 @@ def read_status(data_dir: Path) -> EdgeStatus:
         store.close()
 
 
+def _health(store: EdgeStore) -> tuple[NodeHealth | None, datetime | None, str | None]:
+    """(health, when stored, why it did not read) from the store's health meta."""
+    text, stamp = store.get_meta("health"), store.get_meta("health_at")
+    at = datetime.fromtimestamp(int(stamp) / 1000, tz=UTC) if stamp else None
+    if not text:
+        return None, at, None
+    try:
+        return NodeHealth.model_validate_json(text), at, None
+    except ValidationError as exc:
+        return None, at, f"stored health is not a NodeHealth: {exc.error_count()} error(s)"
+
+
 def _status(store: EdgeStore) -> EdgeStatus:
     cred = store.credential()
     desired = store.desired()
     observed = store.observed()
-    labels = json.loads(store.get_meta("labels") or "{}")
+    health, health_at, health_error = _health(store)
+    if health is None and health_error is None and observed is not None:
+        health = observed.health
     return EdgeStatus(
         node_id=cred.node_id if cred else None,
         cloud=store.get_meta("cloud"),
-        labels=labels,
+        labels=json.loads(store.get_meta("labels") or "{}"),
         cloud_key_fingerprint=(
             hashlib.sha256(cred.cloud_public_key).hexdigest()[:16] if cred else None
         ),
@@ -59,16 +81,13 @@ def _status(store: EdgeStore) -> EdgeStatus:
         applied_generation=observed.applied_generation if observed else 0,
         active=store.active(),
         errors=observed.errors if observed else [],
-        health=json.loads(store.get_meta("health") or "null")
-        or (observed.health if observed else {}),
+        health=health,
+        health_at=health_at,
+        health_error=health_error,
         artifacts=[
-            {
-                "name": a.name,
-                "version": a.version,
-                "state": a.state.value,
-                "sha256": a.sha256[:12],
-                "error": a.error,
-            }
+            ArtifactStatus(
+                name=a.name, version=a.version, sha256=a.sha256, state=a.state, error=a.error
+            )
             for a in store.artifacts()
         ],
     )

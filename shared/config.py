@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from fieldline.shared.limits import MAX_TUNNEL_MESSAGE_BYTES
+
 
 class ConfigError(Exception):
     """A configuration file that cannot be read or does not validate."""
@@ -115,7 +117,7 @@ class CloudSettings(FieldlineSettings):
     http_header_timeout_s: float = Field(default=10.0, gt=0)
     http_body_idle_timeout_s: float = Field(default=60.0, gt=0)
     http_max_connections: int = Field(default=1000, ge=1)
-    grpc_max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+    grpc_max_message_bytes: int = Field(default=MAX_TUNNEL_MESSAGE_BYTES, ge=64 * 1024)
     grpc_max_concurrent_rpcs: int = Field(default=10_000, ge=1)
     enroll_rate_per_s: float = Field(default=1.0, gt=0)  # per client address
     enroll_burst: int = Field(default=10, ge=1)

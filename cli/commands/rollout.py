@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fieldline.cli.admin_client import AdminError
-from fieldline.cli.commands.admin import DEFAULT_URL, JsonOpt, KeyOpt, UrlOpt, _admin, _labels
+from fieldline.cli.commands.common import DEFAULT_URL, JsonOpt, KeyOpt, UrlOpt, admin, labels
 from fieldline.cli.output import console, fail, print_json, print_table
 
 rollout_app = typer.Typer(
@@ -87,7 +87,7 @@ def rollout_create(
     """Start a rollout of an artifact and/or a policy over the nodes a selector matches."""
     from fieldline.shared.policy import PolicyError, load_policy
 
-    _labels(selector)
+    labels(selector)
     if artifact is None and policy is None:
         raise fail("give --artifact NAME@VERSION, --policy FILE, or both", 2)
     if on_failure not in ("pause", "rollback"):
@@ -114,7 +114,7 @@ def rollout_create(
             spec["policy"] = load_policy(policy).model_dump(mode="json")
         except PolicyError as exc:
             raise fail(str(exc), 2) from exc
-    with _admin(url, key) as c:
+    with admin(url, key) as c:
         rollout = c.create_rollout(spec)
     if as_json:
         print_json(rollout)
@@ -136,7 +136,7 @@ def rollout_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List rollouts, newest first."""
-    with _admin(url, key) as c:
+    with admin(url, key) as c:
         rows = c.list_rollouts(state)
     if as_json:
         print_json(rows)
@@ -241,7 +241,7 @@ def rollout_status(
 
     With --watch the exit code says how it ended: 0 succeeded, 1 rolled back or aborted.
     """
-    with _admin(url, key) as c:
+    with admin(url, key) as c:
         r = c.get_rollout(rollout_id)
         if as_json and not watch:
             print_json(r)
@@ -270,7 +270,7 @@ def rollout_status(
 def _action(
     action: str, rollout_id: str, reason: str, url: str, key: str | None, as_json: bool
 ) -> None:
-    with _admin(url, key) as c:
+    with admin(url, key) as c:
         r = c.rollout_action(rollout_id, action, reason)
     if as_json:
         print_json(r)

@@ -34,6 +34,7 @@ from fieldline.cli.harness.processes import (
 )
 from fieldline.cli.harness.tcp_proxy import TcpProxy
 from fieldline.cli.output import console, err_console
+from fieldline.shared.health import DataPlaneHealth, EngineConfigReport, NodeHealth
 
 REFRESH_S = 0.5
 RATE_WINDOW_S = 3.0
@@ -76,15 +77,14 @@ def _sample(edge_dir: Path) -> EdgeSample:
         status = read_status(edge_dir)
     except StatusError:
         return EdgeSample()
-    dp = status.health.get("dataplane", {})
-    outbox = dp.get("outbox", {})
-    models = dp.get("inspection", {})
+    health = status.health or NodeHealth()
+    dp = health.dataplane or DataPlaneHealth()
     return EdgeSample(
-        inspections=sum(int(m.get("requests", 0)) for m in models.values()),
-        defects=int(dp.get("defects", 0)),
-        unsynced=int(outbox.get("unsynced", 0)),
-        lag=int(outbox.get("last_seq", 0)) - int(outbox.get("synced_seq", 0)),
-        tunnel=bool(status.health.get("tunnel", {}).get("connected")),
+        inspections=sum(m.requests for m in dp.inspection.values()),
+        defects=dp.defects,
+        unsynced=dp.outbox.unsynced,
+        lag=dp.outbox.last_seq - dp.outbox.synced_seq,
+        tunnel=health.tunnel is not None and health.tunnel.connected,
     )
 
 
@@ -251,14 +251,16 @@ class _LLMWatch:
             health = read_status(self.edge_dir).health
         except StatusError:
             return
-        llm = health.get("llm") or {}
-        if not self.chatted and llm.get("state") == "serving":
+        if health is None:
+            return
+        llm = health.llm
+        if not self.chatted and llm is not None and llm.state == "serving":
             self.chatted = True
-            cfg = llm.get("engine_config") or {}
+            cfg = llm.engine_config or EngineConfigReport()
             events.add(
-                f"{self.edge_dir.name} serves {llm.get('model')}@{llm.get('version')}, autotuned: "
-                f"{cfg.get('num_blocks')} KV blocks, max_num_seqs {cfg.get('max_num_seqs')}, "
-                f"chunk {cfg.get('max_prefill_chunk')}"
+                f"{self.edge_dir.name} serves {llm.model}@{llm.version}, autotuned: "
+                f"{cfg.num_blocks} KV blocks, max_num_seqs {cfg.max_num_seqs}, "
+                f"chunk {cfg.max_prefill_chunk}"
             )
             try:
                 from fieldline.cli.demo.chat import chat_once
@@ -267,7 +269,7 @@ class _LLMWatch:
                     events.add(line)
             except (httpx.HTTPError, OSError, KeyError, ValueError) as exc:
                 events.add(f"[red]chat through the gateway failed: {exc}[/red]")
-        published = int((health.get("gateway") or {}).get("explanations_published", 0))
+        published = health.gateway.explanations_published if health.gateway else 0
         if not self.explained and published:
             self.explained = True
             events.add(

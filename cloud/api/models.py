@@ -7,8 +7,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
+from fieldline.cloud.rollouts.spec import RolloutSpec
 from fieldline.cloud.store.auth import Role
-from fieldline.shared.schemas import coerce_labels
+from fieldline.shared.health import NodeHealth
+from fieldline.shared.policy import Policy
+from fieldline.shared.schemas import ArtifactStatus, NodeInfo, coerce_labels
 
 
 class KeyCreate(BaseModel):
@@ -51,11 +54,13 @@ class NodePublic(BaseModel):
     last_seen: datetime | None
     desired_generation: int
     applied_generation: int
-    artifacts: list[dict[str, Any]] = Field(default_factory=list)
-    active: dict[str, str] = Field(default_factory=dict)
+    artifacts: list[ArtifactStatus] = Field(default_factory=list)
+    active: dict[str, str] = Field(default_factory=dict)  # name -> version it runs
     errors: list[str] = Field(default_factory=list)
-    health: dict[str, Any] = Field(default_factory=dict)
-    node_info: dict[str, Any] = Field(default_factory=dict)
+    # The latest heartbeat's health (else the one in the observed state); None before either.
+    health: NodeHealth | None = None
+    health_at: datetime | None = None  # when that heartbeat arrived
+    node_info: NodeInfo = Field(default_factory=NodeInfo)
     synced_seq: int = 0
     revoked_at: datetime | None = None  # a revoked node can no longer connect
     tls: bool = False  # it holds a client certificate issued at enrollment
@@ -84,7 +89,7 @@ class AssignmentPublic(BaseModel):
 
 
 class PolicyApply(BaseModel):
-    policy: dict[str, Any]
+    policy: Policy
     selector: dict[str, str]
 
     _selector = field_validator("selector", mode="before")(coerce_labels)
@@ -151,7 +156,7 @@ class RolloutPublic(BaseModel):
     artifact: str | None
     policy: str | None  # the policy's name
     selector: dict[str, str]
-    spec: dict[str, Any]
+    spec: RolloutSpec
     wave: int  # 1-based index of the current (or last) wave
     waves: list[RolloutWavePublic]
     soak_started_at: datetime | None

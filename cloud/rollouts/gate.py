@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pydantic import ValidationError
-
 from fieldline.cloud.rollouts.spec import HealthGate, RolloutSpec
 from fieldline.cloud.store.nodes import NodeRow
 from fieldline.shared.health import LocalRollback, ModelHealth, NodeHealth
@@ -45,20 +43,6 @@ class Target:
         return cls(spec.artifact_name, spec.artifact_version, artifact_kind, spec.policy_name)
 
 
-def _observed(node: NodeRow) -> ObservedState | None:
-    try:
-        return ObservedState.model_validate_json(node.observed) if node.observed else None
-    except ValidationError:
-        return None
-
-
-def _health(node: NodeRow) -> NodeHealth | None:
-    try:
-        return NodeHealth.model_validate_json(node.health) if node.health else None
-    except ValidationError:
-        return None
-
-
 def _rolled_back_from(rollbacks: list[LocalRollback], name: str, version: str) -> str | None:
     for r in rollbacks:
         if r.name == name and r.from_version == version:
@@ -70,8 +54,8 @@ def check_node(
     target: Target, gate: HealthGate, node: NodeRow, target_generation: int
 ) -> NodeCheck:
     """Where one node of a running wave stands."""
-    observed = _observed(node)
-    health = _health(node)
+    observed = node.observed
+    health = node.health
     name, version = target.artifact_name, target.artifact_version
     if name and version:
         for rollbacks in (

@@ -6,47 +6,83 @@ import hmac
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from functools import cached_property
+from typing import Any, TypeVar
+
+import structlog
+from pydantic import BaseModel, ValidationError
 
 from fieldline.cloud.store.db import Database
 from fieldline.shared.clock import utcnow
+from fieldline.shared.health import NodeHealth
 from fieldline.shared.ids import hash_secret, secret_matches
+from fieldline.shared.schemas import NodeInfo, ObservedState
+
+log = structlog.get_logger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
 class NodeNotFound(Exception):
     pass
 
 
+def _stored(model: type[M], text: str | None, node_id: str, what: str) -> M | None:
+    """A document as the tunnel validated and stored it; None (logged) if it no longer
+    validates, for example one stored by an older cloud."""
+    if not text:
+        return None
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        log.warning("stored document no longer valid", node=node_id, what=what, error=str(exc))
+        return None
+
+
 @dataclass
 class NodeRow:
+    """One node as stored; its health and observed state are parsed on first use (fleet-wide
+    listings that only match labels never pay for parsing them)."""
+
     id: str
     labels: dict[str, str]
-    node_info: dict[str, Any]
+    node_info: NodeInfo
     created: datetime
     last_seen: datetime | None
     desired_generation: int
     desired: str | None  # DesiredState JSON
     applied_generation: int
-    observed: str | None  # ObservedState JSON
-    health: str | None  # the latest heartbeat's health summary (JSON)
+    observed_json: str | None  # ObservedState JSON
+    health_json: str | None  # the latest heartbeat's NodeHealth JSON
     synced_seq: int
-    health_at: datetime | None = None  # when that summary arrived
+    health_at: datetime | None = None  # when that health arrived
     revoked_at: datetime | None = None
     cert_sha256: str | None = None
+
+    @cached_property
+    def observed(self) -> ObservedState | None:
+        return _stored(ObservedState, self.observed_json, self.id, "observed state")
+
+    @cached_property
+    def health(self) -> NodeHealth | None:
+        """The latest heartbeat's health, else the health in the observed state, else None."""
+        heartbeat = _stored(NodeHealth, self.health_json, self.id, "health")
+        if heartbeat is not None:
+            return heartbeat
+        return self.observed.health if self.observed is not None else None
 
 
 def _row(r: dict[str, Any]) -> NodeRow:
     return NodeRow(
         id=r["id"],
         labels=json.loads(r["labels"]),
-        node_info=json.loads(r["node_info"] or "{}"),
+        node_info=NodeInfo.model_validate_json(r["node_info"] or "{}"),
         created=datetime.fromisoformat(r["created"]),
         last_seen=datetime.fromisoformat(r["last_seen"]) if r["last_seen"] else None,
         desired_generation=r["desired_generation"],
         desired=r["desired"],
         applied_generation=r["applied_generation"],
-        observed=r["observed"],
-        health=r["health"],
+        observed_json=r["observed"],
+        health_json=r["health"],
         synced_seq=r["synced_seq"],
         health_at=datetime.fromisoformat(r["health_at"]) if r.get("health_at") else None,
         revoked_at=datetime.fromisoformat(r["revoked_at"]) if r.get("revoked_at") else None,
@@ -60,16 +96,17 @@ def create_node(
     node_id: str,
     secret: str,
     labels: dict[str, str],
-    node_info: dict[str, Any],
+    node_info: NodeInfo | None = None,
     cert_sha256: str | None = None,
 ) -> None:
+    info = node_info or NodeInfo()
     with db.write() as d:
         d["nodes"].insert(
             {
                 "id": node_id,
                 "secret_hash": hash_secret(secret),
                 "labels": json.dumps(labels),
-                "node_info": json.dumps(node_info),
+                "node_info": info.model_dump_json(),
                 "created": utcnow().isoformat(),
                 "last_seen": None,
                 "desired_generation": 0,
@@ -168,16 +205,16 @@ def touch_node(
     db: Database,
     *,
     node_id: str,
-    node_info: dict[str, Any] | None = None,
-    health_json: str | None = None,
+    node_info: NodeInfo | None = None,
+    health: NodeHealth | None = None,
 ) -> None:
     """Record that the node was heard from (what it says about itself on hello, its health)."""
     now = utcnow().isoformat()
     values: dict[str, Any] = {"last_seen": now}
     if node_info is not None:
-        values["node_info"] = json.dumps(node_info)
-    if health_json:
-        values["health"] = health_json
+        values["node_info"] = node_info.model_dump_json()
+    if health is not None:
+        values["health"] = health.model_dump_json()
         values["health_at"] = now
     with db.write() as d:
         d["nodes"].update(node_id, values)
@@ -188,15 +225,13 @@ def set_desired(db: Database, *, node_id: str, generation: int, desired_json: st
         d["nodes"].update(node_id, {"desired_generation": generation, "desired": desired_json})
 
 
-def set_observed(
-    db: Database, *, node_id: str, applied_generation: int, observed_json: str
-) -> None:
+def set_observed(db: Database, *, node_id: str, observed: ObservedState) -> None:
     with db.write() as d:
         d["nodes"].update(
             node_id,
             {
-                "applied_generation": applied_generation,
-                "observed": observed_json,
+                "applied_generation": observed.applied_generation,
+                "observed": observed.model_dump_json(),
                 "last_seen": utcnow().isoformat(),
             },
         )

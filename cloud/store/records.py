@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from fieldline.cloud.store.db import Database
+
+COLUMNS = "node_id, seq, kind, topic, ts_ms, payload, received_ms"  # RecordRow's field order
 
 
 @dataclass(frozen=True)
 class RecordRow:
+    """One record as written and as read back."""
+
     node_id: str
     seq: int
     kind: str
@@ -19,18 +22,21 @@ class RecordRow:
     received_ms: int
 
 
-def insert_batch(db: Database, *, node_id: str, rows: list[tuple[Any, ...]]) -> tuple[int, int]:
-    """Insert (ignoring duplicates) and raise the node's high-water mark; returns (new rows, mark)."""
+def insert_batch(db: Database, *, node_id: str, rows: list[RecordRow]) -> tuple[int, int]:
+    """Insert (ignoring duplicates) and raise the node's high-water mark; returns (new rows, mark).
+
+    Every row must belong to node_id (the tunnel builds them for the authenticated node).
+    """
+    assert all(r.node_id == node_id for r in rows)
     with db.write() as d:
         conn = d.conn
         before = conn.total_changes
         conn.executemany(
-            "INSERT OR IGNORE INTO records "
-            "(node_id, seq, kind, topic, ts_ms, payload, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,
+            f"INSERT OR IGNORE INTO records ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(r.node_id, r.seq, r.kind, r.topic, r.ts_ms, r.payload, r.received_ms) for r in rows],
         )
         inserted = conn.total_changes - before
-        top = max((r[1] for r in rows), default=0)
+        top = max((r.seq for r in rows), default=0)
         conn.execute(
             "UPDATE nodes SET synced_seq = MAX(synced_seq, ?) WHERE id = ?", (top, node_id)
         )
@@ -64,7 +70,7 @@ def query_records(
     if after is not None:
         where.append("(node_id, seq) > (?, ?)")
         args.extend(after)
-    sql = "SELECT node_id, seq, kind, topic, ts_ms, payload, received_ms FROM records"
+    sql = f"SELECT {COLUMNS} FROM records"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY node_id, seq LIMIT ?"

@@ -1,6 +1,6 @@
-"""The size limit on incoming gRPC messages, enforced where it can be logged and counted.
+"""Size limits on what edges send: gRPC messages, and the JSON documents inside them.
 
-gRPC core refuses a message above its own limit without telling the application, so the core
+Both numbers come from shared/limits.py. gRPC core refuses a message above its own limit without telling the application, so the core
 limit is set to HARD_FACTOR times the configured one and this interceptor checks the configured
 one first: a message above it is never parsed; the handler gets an `Oversize` marker in its
 place, logs it, counts it and ends the call with RESOURCE_EXHAUSTED.
@@ -11,15 +11,31 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import structlog
+from pydantic import BaseModel
+
+from fieldline.shared.limits import MAX_TUNNEL_JSON_CHARS
 
 log = structlog.get_logger(__name__)
 
 HARD_FACTOR = 2  # gRPC core's own limit, a backstop that bounds memory per message
 LOG_EVERY_S = 5.0
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_document(model: type[M], text: str, what: str) -> M:
+    """A JSON document from a tunnel message, bounded in size and validated as `model`.
+
+    Raises ValueError (too large) or pydantic's ValidationError (a subclass of it); the
+    tunnel's reader counts and refuses the message either way.
+    """
+    if len(text) > MAX_TUNNEL_JSON_CHARS:
+        raise ValueError(f"{what} of {len(text)} characters exceeds {MAX_TUNNEL_JSON_CHARS}")
+    return model.model_validate_json(text)
 
 
 @dataclass(frozen=True)

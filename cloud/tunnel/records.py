@@ -1,16 +1,42 @@
-"""Ingesting record batches from edges: idempotent by (node id, sequence), acked by high-water mark."""
+"""Ingesting record batches from edges: idempotent by (node id, sequence), acked by high-water mark.
+
+The bounds are shared/limits.py's, the same the edge checks before a record enters its outbox;
+a batch with a record outside them is refused whole (not acked), with the record's seq in the
+reason, and counted by the tunnel.
+"""
 
 from __future__ import annotations
 
 from fieldline.cloud.metrics import CloudMetrics
 from fieldline.cloud.store import records as record_store
 from fieldline.cloud.store.db import Database
+from fieldline.cloud.store.records import RecordRow
 from fieldline.shared.clock import now_ms
+from fieldline.shared.limits import (
+    MAX_BATCH_RECORDS,
+    MAX_RECORD_PAYLOAD_BYTES,
+    MAX_TOPIC_CHARS,
+    RECORD_KINDS,
+)
 from fieldline.shared.proto import tunnel_pb2 as pb
 
-MAX_BATCH_RECORDS = 10_000
-MAX_PAYLOAD_BYTES = 1024 * 1024
-KINDS = frozenset({"telemetry", "verdict", "event"})
+
+class RecordRefused(ValueError):
+    """A batch, or a record in it, outside the shared limits; the tunnel counts and skips it."""
+
+
+def _check(r: pb.Record) -> None:
+    if r.seq <= 0:
+        raise RecordRefused(f"record seq={r.seq}: sequence numbers start at 1")
+    if r.kind not in RECORD_KINDS:
+        raise RecordRefused(
+            f"record seq={r.seq}: kind {r.kind!r} is not one of {', '.join(sorted(RECORD_KINDS))}"
+        )
+    if len(r.payload) > MAX_RECORD_PAYLOAD_BYTES:
+        raise RecordRefused(
+            f"record seq={r.seq}: payload of {len(r.payload)} bytes exceeds the limit of "
+            f"{MAX_RECORD_PAYLOAD_BYTES}"
+        )
 
 
 class RecordIngestor:
@@ -26,14 +52,25 @@ class RecordIngestor:
         dropped by its retention policy, never rows in flight).
         """
         if len(batch.records) > MAX_BATCH_RECORDS:
-            raise ValueError(f"batch of {len(batch.records)} records exceeds {MAX_BATCH_RECORDS}")
+            raise RecordRefused(
+                f"batch of {len(batch.records)} records exceeds the limit of {MAX_BATCH_RECORDS}"
+            )
         received = now_ms()
         rows = []
         for r in batch.records:
-            if r.seq <= 0 or r.kind not in KINDS or len(r.payload) > MAX_PAYLOAD_BYTES:
-                raise ValueError(f"invalid record seq={r.seq} kind={r.kind!r}")
+            _check(r)
             rows.append(
-                (node_id, r.seq, r.kind, r.topic[:512], r.ts_ms, bytes(r.payload), received)
+                RecordRow(
+                    node_id=node_id,
+                    seq=r.seq,
+                    kind=r.kind,
+                    # The edge bounds topics by the same number; an older edge's longer topic
+                    # is kept as its prefix rather than stalling the node's sync.
+                    topic=r.topic[:MAX_TOPIC_CHARS],
+                    ts_ms=r.ts_ms,
+                    payload=bytes(r.payload),
+                    received_ms=received,
+                )
             )
         inserted, high = record_store.insert_batch(self.db, node_id=node_id, rows=rows)
         self.metrics.records.inc(inserted)

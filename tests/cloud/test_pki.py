@@ -1,5 +1,5 @@
 """The cloud CA: minted once and kept, server certificates renewed for new names, given files,
-and the CSRs it refuses to sign; the token format both sides share; the rate limiter."""
+and the CSRs it refuses to sign; the token format both sides share."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from fieldline.cloud.pki import CertificateAuthority, PkiError, load_tls
-from fieldline.cloud.tunnel.ratelimit import RateLimiter, peer_address
 from fieldline.edge.control.identity import PinError, new_key_and_csr, pinned_ca
 from fieldline.shared.config import CloudSettings
 from fieldline.shared.tls import EnrollmentToken, TokenFormatError, cert_pin, parse_token
@@ -105,15 +104,3 @@ def test_pin_must_name_a_ca(tmp_path: Path) -> None:
         pinned_ca([leaf, ca.cert], cert_pin(leaf))
     with pytest.raises(PinError, match="no certificate matching"):
         pinned_ca([leaf], cert_pin(ca.cert))
-
-
-def test_rate_limiter_per_address_and_overall() -> None:
-    now = [0.0]
-    limiter = RateLimiter(rate_per_s=1, burst=3, global_rate_per_s=100, clock=lambda: now[0])
-    assert [limiter.allow("a") for _ in range(5)] == [True, True, True, False, False]
-    assert limiter.allow("b")  # another address has its own bucket
-    now[0] += 1.0
-    assert limiter.allow("a") and not limiter.allow("a")
-    assert limiter.refused == 3
-    assert peer_address("ipv4:10.0.0.1:5555") == "10.0.0.1"
-    assert peer_address("ipv6:[::1]:5555") == "::1"

@@ -10,11 +10,9 @@ from starlette.requests import ClientDisconnect
 
 from fieldline.cloud.api.deps import ContextDep, OperatorKey, ViewerKey
 from fieldline.cloud.artifacts.blobs import BlobError
-from fieldline.cloud.context import CloudContext
+from fieldline.cloud.artifacts.service import store_artifact
 from fieldline.cloud.store import artifacts as artifact_store
-from fieldline.shared.clock import utcnow
 from fieldline.shared.schemas import NAME_RE, ArtifactKind, ArtifactManifest
-from fieldline.shared.signing import sign_manifest
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 MAX_METADATA_CHARS = 64 * 1024
@@ -39,47 +37,6 @@ def _metadata(header: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise HTTPException(400, "X-Fieldline-Metadata must be a JSON object")
     return data
-
-
-async def store_artifact(
-    ctx: CloudContext,
-    chunks: Any,
-    *,
-    name: str,
-    version: str,
-    kind: ArtifactKind,
-    quantization: str | None,
-    metadata: dict[str, Any],
-) -> ArtifactManifest:
-    """Stream bytes into the blob store, sign the manifest, record it (or leave nothing)."""
-    try:
-        artifact_store.get_artifact(ctx.db, name=name, version=version)
-        raise HTTPException(409, f"artifact {name}@{version} already exists")
-    except artifact_store.ArtifactNotFound:
-        pass
-    try:
-        sha, size = await ctx.blobs.put_stream(chunks, max_bytes=ctx.settings.max_artifact_bytes)
-    except BlobError as exc:
-        ctx.metrics.uploads.labels("refused").inc()
-        raise HTTPException(exc.status, str(exc)) from None
-    manifest = ArtifactManifest(
-        name=name,
-        version=version,
-        kind=kind,
-        size=size,
-        sha256=sha,
-        created=utcnow(),
-        quantization=quantization,
-        metadata=metadata,
-    )
-    try:
-        artifact_store.insert_artifact(ctx.db, signed=sign_manifest(ctx.signing_key, manifest))
-    except artifact_store.ArtifactExists:
-        if not artifact_store.sha256_in_use(ctx.db, sha256=sha):
-            ctx.blobs.delete(sha)
-        raise HTTPException(409, f"artifact {name}@{version} already exists") from None
-    ctx.metrics.uploads.labels("ok").inc()
-    return manifest
 
 
 @router.post("", status_code=201)
@@ -117,6 +74,10 @@ async def upload_artifact(
     except ClientDisconnect:
         ctx.metrics.uploads.labels("disconnected").inc()
         raise HTTPException(400, "the client went away before the upload finished") from None
+    except artifact_store.ArtifactExists:
+        raise HTTPException(409, f"artifact {name}@{version} already exists") from None
+    except BlobError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
 
 
 @router.get("")

@@ -1,6 +1,4 @@
-"""/v1/nodes: the fleet, each node with its connection, generations and artifacts."""
-
-import json
+"""/v1/nodes: the fleet, each node with its connection, generations, artifacts and health."""
 
 import structlog
 from fastapi import APIRouter, HTTPException
@@ -9,14 +7,13 @@ from fieldline.cloud.api.deps import AdminKey, ContextDep, OperatorKey, ViewerKe
 from fieldline.cloud.api.models import LabelsUpdate, NodePublic
 from fieldline.cloud.context import CloudContext
 from fieldline.cloud.store import nodes as node_store
-from fieldline.shared.schemas import ObservedState
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 log = structlog.get_logger(__name__)
 
 
 def node_public(ctx: CloudContext, node: node_store.NodeRow) -> NodePublic:
-    observed = ObservedState.model_validate_json(node.observed) if node.observed else None
+    observed = node.observed
     return NodePublic(
         id=node.id,
         labels=node.labels,
@@ -25,10 +22,11 @@ def node_public(ctx: CloudContext, node: node_store.NodeRow) -> NodePublic:
         last_seen=node.last_seen,
         desired_generation=node.desired_generation,
         applied_generation=node.applied_generation,
-        artifacts=[a.model_dump(mode="json") for a in observed.artifacts] if observed else [],
+        artifacts=observed.artifacts if observed else [],
         active=observed.active if observed else {},
         errors=observed.errors if observed else [],
-        health=json.loads(node.health) if node.health else (observed.health if observed else {}),
+        health=node.health,
+        health_at=node.health_at,
         node_info=node.node_info,
         synced_seq=node.synced_seq,
         revoked_at=node.revoked_at,

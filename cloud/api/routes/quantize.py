@@ -2,28 +2,22 @@
 
 The fp32 artifact stays as it is; the INT8 one gets its own version (default: the fp32 version
 without a "-fp32" suffix) with the quantization report in its manifest metadata, and that is
-the one an admin assigns.
+the one an admin assigns (cloud/artifacts/service.py does the work).
 """
 
 from __future__ import annotations
-
-import asyncio
-import tempfile
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
 from fieldline.cloud.api.deps import ContextDep, OperatorKey
-from fieldline.cloud.api.routes.artifacts import store_artifact
-from fieldline.cloud.artifacts.quantize import QuantizationError, quantize_onnx
+from fieldline.cloud.artifacts import service as artifact_service
+from fieldline.cloud.artifacts.blobs import BlobError
+from fieldline.cloud.artifacts.quantize import QuantizationError
 from fieldline.cloud.store import artifacts as artifact_store
-from fieldline.shared.schemas import ArtifactKind, ArtifactManifest
+from fieldline.shared.schemas import ArtifactManifest
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
-FILE_CHUNK = 1024 * 1024
-FP32_SUFFIX = "-fp32"
 
 
 class QuantizeRequest(BaseModel):
@@ -33,58 +27,21 @@ class QuantizeRequest(BaseModel):
     target_version: str | None = None
 
 
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
-    with path.open("rb") as f:
-        while block := f.read(FILE_CHUNK):
-            yield block
-
-
-def _lookup(ctx: ContextDep, ref: str) -> ArtifactManifest:
-    name, _, version = ref.partition("@")
-    try:
-        return artifact_store.get_artifact(ctx.db, name=name, version=version).manifest
-    except artifact_store.ArtifactNotFound:
-        raise HTTPException(404, f"artifact {ref} not found") from None
-
-
 @router.post("/{name}/{version}/quantize", status_code=201)
 async def quantize_artifact(
     name: str, version: str, body: QuantizeRequest, ctx: ContextDep, _: OperatorKey
 ) -> ArtifactManifest:
-    src = _lookup(ctx, f"{name}@{version}")
-    if src.kind != ArtifactKind.onnx:
-        raise HTTPException(
-            422, f"{src.ref} is a {src.kind.value} artifact; only onnx is quantized here"
+    try:
+        return await artifact_service.quantize_artifact(
+            ctx, name, version, calibration=body.calibration, target_version=body.target_version
         )
-    calibration = _lookup(ctx, body.calibration) if body.calibration else None
-    target = body.target_version or version.removesuffix(FP32_SUFFIX)
-    if target == version:
-        raise HTTPException(
-            422, f"the INT8 version must differ from {version}: give target_version"
-        )
-    with tempfile.TemporaryDirectory(dir=ctx.blobs.tmp) as tmp:
-        dst = Path(tmp) / "model.int8.onnx"
-        try:
-            # Seconds of CPU work: off the event loop so the tunnel keeps serving.
-            report = await asyncio.to_thread(
-                quantize_onnx,
-                ctx.blobs.path(src.sha256),
-                dst,
-                ctx.blobs.path(calibration.sha256) if calibration else None,
-            )
-        except QuantizationError as exc:
-            raise HTTPException(422, f"cannot quantize {src.ref}: {exc}") from None
-        metadata = {
-            "quantization": report.model_dump(mode="json"),
-            "source": {"ref": src.ref, "sha256": src.sha256},
-            "calibration": calibration.ref if calibration else None,
-        }
-        return await store_artifact(
-            ctx,
-            _file_chunks(dst),
-            name=name,
-            version=target,
-            kind=ArtifactKind.onnx,
-            quantization="int8",
-            metadata=metadata,
-        )
+    except artifact_store.ArtifactNotFound as exc:
+        raise HTTPException(404, f"artifact {exc} not found") from None
+    except artifact_service.NotQuantizable as exc:
+        raise HTTPException(422, str(exc)) from None
+    except QuantizationError as exc:
+        raise HTTPException(422, f"cannot quantize {name}@{version}: {exc}") from None
+    except artifact_store.ArtifactExists as exc:
+        raise HTTPException(409, f"artifact {exc} already exists") from None
+    except BlobError as exc:
+        raise HTTPException(exc.status, str(exc)) from None

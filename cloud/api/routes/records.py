@@ -11,10 +11,12 @@ from fastapi import APIRouter, HTTPException, Query
 from fieldline.cloud.api.deps import ContextDep, ViewerKey
 from fieldline.cloud.api.models import RecordPage, RecordPublic
 from fieldline.cloud.store import records as record_store
+from fieldline.shared.limits import RECORD_KINDS
 
 router = APIRouter(prefix="/v1/records", tags=["records"])
 MAX_LIMIT = 1000
 MAX_INT64 = 2**63 - 1  # SQLite's INTEGER range; larger numbers are refused with 422
+KIND_PATTERN = f"^({'|'.join(sorted(RECORD_KINDS))})$"
 
 
 def _cursor(text: str | None) -> tuple[str, int] | None:
@@ -27,6 +29,7 @@ def _cursor(text: str | None) -> tuple[str, int] | None:
 
 
 def _public(r: record_store.RecordRow) -> RecordPublic:
+    """The API's record, built from the store's row (the only place one becomes the other)."""
     try:
         payload, enc = json.loads(r.payload), "json"
     except (UnicodeDecodeError, ValueError):
@@ -48,7 +51,7 @@ def list_records(
     ctx: ContextDep,
     _: ViewerKey,
     node: str | None = None,
-    kind: Annotated[str | None, Query(pattern="^(telemetry|verdict|event)$")] = None,
+    kind: Annotated[str | None, Query(pattern=KIND_PATTERN)] = None,
     topic: str | None = None,
     since_ms: Annotated[int | None, Query(ge=-MAX_INT64, le=MAX_INT64)] = None,
     until_ms: Annotated[int | None, Query(ge=-MAX_INT64, le=MAX_INT64)] = None,

@@ -64,7 +64,7 @@ def rollout_public(
         artifact=spec.artifact,
         policy=spec.policy_name,
         selector=spec.selector,
-        spec=spec.model_dump(mode="json"),
+        spec=spec,
         wave=r.wave + 1,
         waves=waves,
         soak_started_at=r.soak_started_at,

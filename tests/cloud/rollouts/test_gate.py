@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 from fieldline.cloud.rollouts.gate import Outcome, Target, check_node
 from fieldline.cloud.rollouts.spec import HealthGate
 from fieldline.cloud.store.nodes import NodeRow
 from fieldline.shared.health import LocalRollback, ModelHealth, NodeHealth
-from fieldline.shared.schemas import ArtifactState, ArtifactStatus, ObservedState
+from fieldline.shared.schemas import ArtifactState, ArtifactStatus, NodeInfo, ObservedState
 
 TARGET = Target("detector", "2.0", "onnx", None)
 GATE = HealthGate(soak_s=1, max_error_rate=0.05, max_p95_ms=50, min_requests=10)
@@ -29,14 +30,14 @@ def node(
     return NodeRow(
         id="node_1",
         labels={},
-        node_info={},
+        node_info=NodeInfo(),
         created=datetime.now(UTC),
         last_seen=datetime.now(UTC),
         desired_generation=5,
         desired=None,
         applied_generation=applied,
-        observed=obs.model_dump_json(),
-        health=health.model_dump_json(),
+        observed_json=obs.model_dump_json(),
+        health_json=health.model_dump_json(),
         synced_seq=0,
     )
 
@@ -115,5 +116,5 @@ def test_file_artifacts_pass_once_applied() -> None:
     target = Target("config", "2.0", "file", None)
     row = node()
     row_obs = ObservedState(applied_generation=5, active={"config": "2.0"})
-    row = NodeRow(**{**row.__dict__, "observed": row_obs.model_dump_json()})
+    row = dataclasses.replace(row, observed_json=row_obs.model_dump_json())
     assert check_node(target, GATE, row, 5).outcome == Outcome.healthy

@@ -1,4 +1,4 @@
-"""Commands that run the daemons: `fieldline cloud serve`, `fieldline edge run|status`."""
+"""`fieldline cloud`: run the controller, check it, back it up and restore it."""
 
 from __future__ import annotations
 
@@ -7,26 +7,11 @@ from typing import Annotated
 
 import typer
 
-from fieldline.cli.output import console, fail, print_json, print_table
-from fieldline.shared.config import CloudSettings, ConfigError, EdgeSettings, load_settings
+from fieldline.cli.commands.common import ConfigOpt, DataEnvOpt, split_hostport
+from fieldline.cli.output import console, fail
+from fieldline.shared.config import CloudSettings, ConfigError, load_settings
 
 cloud_app = typer.Typer(no_args_is_help=True, help="The cloud controller.")
-edge_app = typer.Typer(no_args_is_help=True, help="The edge daemon.")
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML config file (FIELDLINE_* env vars override it)."),
-]
-
-
-def split_hostport(value: str | None, flag: str) -> tuple[str | None, int | None]:
-    """Parse HOST:PORT (IPv6 as [::1]:PORT); None passes through."""
-    if value is None:
-        return None, None
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise fail(f"{flag} expects HOST:PORT, got {value!r}", 2)
-    return host.strip("[]"), int(port)
 
 
 @cloud_app.command("serve")
@@ -87,65 +72,6 @@ def cloud_serve(
     raise typer.Exit(serve(settings))
 
 
-@edge_app.command("run")
-def edge_run(
-    cloud: Annotated[str | None, typer.Option("--cloud", help="Cloud tunnel HOST:PORT.")] = None,
-    token: Annotated[
-        str | None, typer.Option("--token", help="Enrollment token (first start only).")
-    ] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Data directory.")] = None,
-    config: ConfigOpt = None,
-    enroll: Annotated[
-        str | None,
-        typer.Option("--enroll", help="TLS enrollment HOST:PORT (default: from the token)."),
-    ] = None,
-) -> None:
-    """Run the edge daemon: enroll once, then keep the node in its desired state."""
-    from fieldline.edge.agent import run_edge
-
-    split_hostport(cloud, "--cloud")
-    split_hostport(enroll, "--enroll")
-    try:
-        settings = load_settings(
-            EdgeSettings, config, cloud=cloud, token=token, data_dir=data, enroll=enroll
-        )
-    except ConfigError as exc:
-        raise fail(str(exc), 2) from exc
-    raise typer.Exit(run_edge(settings))
-
-
-@edge_app.command("status")
-def edge_status(
-    data: Annotated[Path, typer.Option("--data", help="The edge's data directory.")] = Path(
-        "./fieldline-edge"
-    ),
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Show what this node has (works while the daemon runs)."""
-    from fieldline.edge.status import StatusError, read_status
-
-    try:
-        status = read_status(data)
-    except StatusError as exc:
-        raise fail(str(exc), 2) from exc
-    if as_json:
-        print_json(status.model_dump(mode="json"))
-        return
-    info = status.model_dump(mode="json")
-    artifacts = info.pop("artifacts", [])
-    for key, value in info.items():
-        console.print(f"[bold]{key}[/bold]: {value}")
-    if artifacts:
-        cols = [(k, k) for k in artifacts[0]]
-        print_table(artifacts, cols, title="artifacts")
-
-
-DataEnvOpt = Annotated[
-    Path,
-    typer.Option("--data", envvar="FIELDLINE_DATA_DIR", help="The daemon's data directory."),
-]
-
-
 @cloud_app.command("healthcheck")
 def cloud_healthcheck(
     data: DataEnvOpt = Path("./fieldline-cloud"),
@@ -174,34 +100,6 @@ def cloud_healthcheck(
     if r.status_code != 200:
         raise fail(f"cloud health check failed: HTTP {r.status_code}", 1)
     console.print(r.text)
-
-
-@edge_app.command("healthcheck")
-def edge_healthcheck(
-    data: DataEnvOpt = Path("./fieldline-edge"),
-    max_age_s: Annotated[
-        float, typer.Option(help="Oldest acceptable heartbeat, in seconds.")
-    ] = 60.0,
-) -> None:
-    """Exit 0 when the edge daemon wrote a heartbeat within --max-age-s (container checks)."""
-    import time
-
-    from fieldline.edge.store import EdgeStore, StoreError
-
-    try:
-        store = EdgeStore(data, read_only=True)
-    except StoreError as exc:
-        raise fail(str(exc), 1) from exc
-    try:
-        stamp = store.get_meta("health_at")
-    finally:
-        store.close()
-    if stamp is None:
-        raise fail("the edge daemon has not reported health yet", 1)
-    age = time.time() - int(stamp) / 1000
-    if age > max_age_s:
-        raise fail(f"the edge daemon's last heartbeat is {age:.0f}s old", 1)
-    console.print(f"ok: heartbeat {age:.1f}s ago")
 
 
 @cloud_app.command("backup")

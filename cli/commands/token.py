@@ -1,0 +1,31 @@
+"""`fieldline token`: enrollment tokens."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from fieldline.cli.commands.common import DEFAULT_URL, JsonOpt, KeyOpt, UrlOpt, admin, labels
+from fieldline.cli.output import print_json
+
+token_app = typer.Typer(no_args_is_help=True, help="Enrollment tokens.")
+
+
+@token_app.command("create")
+def token_create(
+    node_labels: Annotated[
+        str, typer.Option("--labels", help="Labels for the node, k=v[,k=v].")
+    ] = "",
+    ttl: Annotated[int | None, typer.Option(help="Lifetime in seconds.")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Mint a single-use, expiring enrollment token."""
+    with admin(url, key) as c:
+        tok = c.create_token(labels(node_labels), ttl)
+    if as_json:
+        print_json(tok)
+    else:
+        print(tok["token"])  # plain: rich would wrap a long token at the terminal width
