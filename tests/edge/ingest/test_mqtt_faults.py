@@ -87,13 +87,13 @@ def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-untype
 
 
 class IngestProcess:
-    """`python -m fieldline.edge.ingest.mqtt` in a subprocess, so the test can kill -9 it."""
+    """`python -m fieldline.cli.harness.ingestor` in a subprocess, so the test can kill -9 it."""
 
     def __init__(self, data_dir: Path, port: int):
         self.args = [
             sys.executable,
             "-m",
-            "fieldline.edge.ingest.mqtt",
+            "fieldline.cli.harness.ingestor",
             "--data",
             str(data_dir),
             "--port",
