@@ -15,7 +15,9 @@ from fieldline.cli.harness.mosquitto import MosquittoBroker
 from fieldline.edge.ingest.mqtt import MqttIngestor
 from fieldline.edge.ingest.outbox import NewRecord, Outbox
 from fieldline.shared.config import MqttSettings
+from fieldline.shared.limits import MAX_RECORD_PAYLOAD_BYTES
 from fieldline.shared.policy import Policy, Retention, Subscription
+from tests.support.polling import wait_until
 
 TOPIC = "plant/line1/sensor/temp"
 
@@ -50,20 +52,11 @@ def ids_in(outbox: Outbox) -> list[int]:
     return out
 
 
-def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def ingestor(broker: MosquittoBroker, outbox: Outbox, cid: str = "edge-test", **kw) -> MqttIngestor:  # type: ignore[no-untyped-def]
     ing = MqttIngestor(MqttSettings(port=broker.port, **kw), outbox, client_id=cid)
     ing.apply_policy(Policy(subscriptions=[Subscription(topic="plant/#")]))
     ing.start()
-    wait_for(lambda: ing.connected, 10, "the ingestor to connect")
+    wait_until(lambda: ing.connected, 10, "the ingestor to connect")
     time.sleep(0.2)  # subscription in place
     return ing
 
@@ -73,7 +66,7 @@ def test_readings_stored_exactly_once(mosquitto: MosquittoBroker, tmp_path: Path
     ing = ingestor(mosquitto, outbox)
     pub = publisher(mosquitto.port)
     publish_all(pub, readings(0, 2000))
-    wait_for(lambda: len(ids_in(outbox)) >= 2000, 30, "2000 readings")
+    wait_until(lambda: len(ids_in(outbox)) >= 2000, 30, "2000 readings")
     ing.stop()
     pub.loop_stop()
     ids = ids_in(outbox)
@@ -108,8 +101,8 @@ def test_garbage_is_dead_lettered_and_valid_ones_stored(
         mixed.append(g)
         mixed.append(garbage[i % len(garbage)])
     publish_all(pub, mixed)
-    wait_for(lambda: outbox.stats().dead_letters >= 300, 30, "garbage dead-lettered")
-    wait_for(lambda: len(ids_in(outbox)) >= 300, 30, "valid readings")
+    wait_until(lambda: outbox.stats().dead_letters >= 300, 30, "garbage dead-lettered")
+    wait_until(lambda: len(ids_in(outbox)) >= 300, 30, "valid readings")
     assert ing.connected
     assert sorted(ids_in(outbox)) == list(range(300))
     assert outbox.stats().dead_letters == 300
@@ -117,6 +110,25 @@ def test_garbage_is_dead_lettered_and_valid_ones_stored(
     assert any("not JSON" in r for r in reasons) and any("exceeds" in r for r in reasons)
     ing.stop()
     pub.loop_stop()
+
+
+def test_a_message_over_the_cloud_record_limit_is_dead_lettered_with_the_reason(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    outbox = Outbox(tmp_path)
+    ing = ingestor(mosquitto, outbox, max_payload_bytes=MAX_RECORD_PAYLOAD_BYTES)
+    pub = publisher(mosquitto.port)
+    publish_all(pub, [b"x" * (MAX_RECORD_PAYLOAD_BYTES + 1)])
+    wait_until(lambda: ing.health().dead_lettered == 1, 30, "the oversize message dead-lettered")
+    ing.stop()
+    pub.loop_stop()
+    assert outbox.stats().rows == 0 and outbox.read_batch(0, 10) == []
+    [(topic, reason, size)] = outbox.dead_letters()
+    assert (topic, size) == (TOPIC, MAX_RECORD_PAYLOAD_BYTES + 1)
+    assert f"exceeds the record limit of {MAX_RECORD_PAYLOAD_BYTES} bytes" in reason
+    health = ing.health()
+    assert (health.refused, health.dead_lettered, health.stored) == (1, 1, 0)
+    assert outbox.stats().dead_letters == 1
 
 
 def test_broker_restart_loses_nothing(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
@@ -132,7 +144,7 @@ def test_broker_restart_loses_nothing(mosquitto: MosquittoBroker, tmp_path: Path
     ing2 = ingestor(mosquitto, Outbox(tmp_path))
     pub2 = publisher(mosquitto.port)
     publish_all(pub2, readings(1500, 500))
-    wait_for(lambda: len(ids_in(outbox)) >= 2000, 30, "all readings after the restart")
+    wait_until(lambda: len(ids_in(outbox)) >= 2000, 30, "all readings after the restart")
     assert sorted(ids_in(outbox)) == list(range(2000))
     ing2.stop()
     pub2.loop_stop()
@@ -154,7 +166,7 @@ def test_backpressure_holds_acks_until_sync_frees_room(
     outbox.mark_synced(100)  # the cloud took the verdicts
     outbox.prune()
     # Room for 100 rows at a time: telemetry drops oldest as more arrives; ingestion catches up.
-    wait_for(lambda: outbox.stats().last_seq >= 100 + 400, 30, "ingestion to catch up")
+    wait_until(lambda: outbox.stats().last_seq >= 100 + 400, 30, "ingestion to catch up")
     t.join(30)
     stats = outbox.stats()
     assert stats.rows <= 100
