@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,3 +43,27 @@ def holds_within(predicate: Callable[[], Any], timeout_s: float, poll_s: float =
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll_s)
+
+
+async def until(
+    predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = POLL_S
+) -> Any:
+    """wait_until inside an event loop: the predicate may return an awaitable (an API call
+    made off the loop), and the loop keeps serving while this waits."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+        except Exception as exc:
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(poll_s)
+    raise AssertionError(
+        f"timed out after {timeout_s}s waiting for {what} (last error: {last_exc})"
+    )
