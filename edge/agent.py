@@ -72,6 +72,7 @@ class EdgeAgent:
         # Each part adds its health report here, keyed by its NodeHealth field (tunnel,
         # dataplane, llm, gateway); a part the node does not run has none (None in NodeHealth).
         self.health_sources: dict[str, Callable[[], BaseModel]] = {}
+        self._part_errors: dict[str, str] = {}  # the last error logged per part
         # Per-model health sources (ONNX inspection here; an engine may add its own).
         self.model_sources: list[Callable[[], dict[str, ModelHealth]]] = []
         self.rollback_guard: LocalRollbackGuard | None = None
@@ -256,24 +257,26 @@ class EdgeAgent:
     def health(self) -> NodeHealth:
         """The heartbeat's summary: per-model health, local rollbacks, and each part's report.
 
-        A part whose report raises is left out and named in part_errors, so one broken part is
-        seen without hiding the others.
+        A part whose report raises or does not validate as its NodeHealth field is left out and
+        named in part_errors, so one broken part is seen without hiding the others.
         """
-        parts: dict[str, BaseModel] = {}
-        part_errors: dict[str, str] = {}
-        for name, source in self.health_sources.items():
-            try:
-                parts[name] = source()
-            except Exception as exc:
-                log.exception("health source failed", source=name)
-                part_errors[name] = f"{type(exc).__name__}: {exc}"[:2000]
-        return NodeHealth(
+        health = NodeHealth(
             models=self.model_health(),
             local_rollbacks=self.store.local_rollbacks() if self.store is not None else [],
-            **parts,
-            part_errors=part_errors,
             reported_at=utcnow(),
         )
+        for name, source in self.health_sources.items():
+            try:
+                # Checked on its own (a typed part is taken as it is, not validated again).
+                part = getattr(NodeHealth.model_validate({name: source()}), name)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"[:2000]
+                if self._part_errors.get(name) != error:  # logged once, reported every beat
+                    log.exception("health source failed", source=name)
+                health.part_errors[name] = self._part_errors[name] = error
+                continue
+            setattr(health, name, part)
+        return health
 
     async def _heartbeat(self) -> None:
         """Each beat: keep the health summary in the store (for `edge status`) and send it.

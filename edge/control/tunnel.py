@@ -45,9 +45,7 @@ class TunnelClient:
         applied_generation: Callable[[], int] = lambda: 0,
         tls: NodeTls | None = None,
     ):
-        self.settings = settings
         self.cloud = cloud
-        self.credential = credential
         self.node_info = node_info
         self.on_desired = on_desired
         self.on_connected = on_connected
