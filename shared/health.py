@@ -92,6 +92,7 @@ class MqttHealth(_Part):
     # Dead-lettered because the cloud would refuse them as records (shared/limits.py).
     refused: int = Field(default=0, ge=0)
     duplicates: int = Field(default=0, ge=0)  # redeliveries acked without storing them again
+    backpressure: bool = False  # the outbox is full of verdicts and events: acks wait for sync
 
 
 class InspectionModelHealth(_Part):

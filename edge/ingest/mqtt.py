@@ -130,6 +130,7 @@ class MqttIngestor:
         self.dead_lettered = 0  # refused ones included
         self.refused = 0
         self.duplicates = 0  # redeliveries of messages stored before a crash, acked again
+        self.backpressure = False  # the outbox is full: acks wait (the broker holds the rest)
         self._dropped_seen = outbox.dropped
         self._v5 = settings.protocol == "5"
         self._client = client_class(
@@ -232,6 +233,7 @@ class MqttIngestor:
             dead_lettered=self.dead_lettered,
             refused=self.refused,
             duplicates=self.duplicates,
+            backpressure=self.backpressure,
         )
 
     # -- paho callbacks (on paho's thread; wrapped by catch_log_exception in __init__) ---------
@@ -342,6 +344,7 @@ class MqttIngestor:
                     log.warning("outbox full; holding acks", error=str(exc))
                     blocked = True
                 self.metrics.blocked.set(1)
+                self.backpressure = True
                 if size > 1:
                     size = max(1, size // 2)
                 elif self._stop.wait(FULL_RETRY_S):
@@ -352,6 +355,7 @@ class MqttIngestor:
         if blocked:
             log.info("outbox has room again; acks resumed")
         self.metrics.blocked.set(0)
+        self.backpressure = False
 
     def _check(
         self, m: _Message, kind: str, now: int

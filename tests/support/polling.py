@@ -28,7 +28,11 @@ def wait_until(
         if time.monotonic() >= deadline:
             break
         time.sleep(poll_s)
-    raise AssertionError(
+    raise _timed_out(timeout_s, what, last_exc)
+
+
+def _timed_out(timeout_s: float, what: str, last_exc: Exception | None) -> AssertionError:
+    return AssertionError(
         f"timed out after {timeout_s}s waiting for {what} (last error: {last_exc})"
     )
 
@@ -64,6 +68,4 @@ async def until(
         if time.monotonic() >= deadline:
             break
         await asyncio.sleep(poll_s)
-    raise AssertionError(
-        f"timed out after {timeout_s}s waiting for {what} (last error: {last_exc})"
-    )
+    raise _timed_out(timeout_s, what, last_exc)

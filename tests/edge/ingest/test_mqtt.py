@@ -56,8 +56,7 @@ def ingestor(broker: MosquittoBroker, outbox: Outbox, cid: str = "edge-test", **
     ing = MqttIngestor(MqttSettings(port=broker.port, **kw), outbox, client_id=cid)
     ing.apply_policy(Policy(subscriptions=[Subscription(topic="plant/#")]))
     ing.start()
-    wait_until(lambda: ing.connected, 10, "the ingestor to connect")
-    time.sleep(0.2)  # subscription in place
+    assert ing.subscribed.wait(10), "no SUBACK from the broker"
     return ing
 
 
@@ -160,7 +159,7 @@ def test_backpressure_holds_acks_until_sync_frees_room(
     pub = publisher(mosquitto.port)
     t = threading.Thread(target=publish_all, args=(pub, readings(0, 400)))
     t.start()
-    time.sleep(2)
+    wait_until(lambda: ing.health().backpressure, 10, "the ingestor to hold its acks")
     assert ids_in(outbox) == []  # nothing stored, nothing acked: the broker holds them
     assert outbox.stats().rows == 100
     outbox.mark_synced(100)  # the cloud took the verdicts

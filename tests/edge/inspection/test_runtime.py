@@ -21,6 +21,7 @@ from fieldline.edge.inspection.model import ModelLoadError, choose_providers
 from fieldline.edge.inspection.runtime import InspectionRejected, InspectionRuntime, Verdict
 from fieldline.shared.config import InspectionSettings
 from fieldline.shared.policy import InspectionRule, Policy
+from tests.support.polling import wait_until
 
 RESULT_TOPIC = "line1/verdicts"
 TIMEOUT_S = 30
@@ -111,9 +112,7 @@ def test_verdicts_match_known_frames_and_reach_callbacks(
         assert runtime.on_inspect(f"line1/camera/{seq % 3}", frame, seq) == 1
     assert runtime.on_inspect("line2/camera/1", frames[0], 99) == 0  # no rule matches
 
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(sink.published) < len(frames) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: len(sink.published) >= len(frames), TIMEOUT_S, "a verdict per frame")
     assert len(sink.published) == len(sink.stored) == len(frames)
     verdicts = sorted((Verdict.from_json(p) for t, p in sink.published), key=lambda v: v.record_seq)
     assert {t for t, _ in sink.published} == {RESULT_TOPIC}
@@ -390,9 +389,9 @@ def test_a_flood_of_garbage_mixed_with_frames_loses_no_valid_frame(
         else:
             runtime.on_inspect("line1/camera/b", garbage[seq % len(garbage)], seq)
             n_bad += 1
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(sink.stored) + len(sink.rejected) < 3000 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(
+        lambda: len(sink.stored) + len(sink.rejected) >= 3000, TIMEOUT_S, "an answer per request"
+    )
     assert len(sink.stored) == len(sink.published) == n_valid
     assert len(sink.rejected) == n_bad
     assert {v.record_seq for v in sink.stored} == set(range(0, 3000, 3))
