@@ -75,8 +75,8 @@ class DataPlane:
             ["kind", "reason"],
             registry=self.registry,
         )
-        # Called on inspection worker threads after each verdict is stored (the alert
-        # explainer hooks in here); it must return at once and never raise.
+        # Called on inspection worker threads after each verdict is stored, or dropped (the
+        # alert explainer hooks in here); it must return at once and never raise.
         self.on_verdict: Callable[[Verdict, InspectionRule | None], None] | None = None
 
     def start(self) -> None:

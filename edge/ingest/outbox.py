@@ -7,8 +7,9 @@ telemetry row lost to a power cut after its ack would be lost for good; one fsyn
 
 Bounds (the policy's retention): rows and bytes. To make room the outbox first deletes synced
 rows, then the oldest unsynced telemetry (counted as dropped); verdicts and events are never
-dropped. When only they fill it, append raises OutboxFull and ingestion stops acknowledging,
-so the broker holds the backlog until sync frees room.
+deleted to make room. When only they fill it, commit_batch raises OutboxFull: MQTT ingestion
+stops acknowledging, so the broker holds the backlog until sync frees room; a verdict or event
+that cannot wait is dropped by its caller, which counts it (edge/ingest/dataplane.py).
 
 Refusals: a record the cloud would refuse (payload over MAX_RECORD_PAYLOAD_BYTES, a kind it
 does not store, a topic over MAX_TOPIC_CHARS) raises RecordRefused and is never stored, so no
