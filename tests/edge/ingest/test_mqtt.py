@@ -10,13 +10,15 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import CollectorRegistry
 
 from fieldline.cli.harness.mosquitto import MosquittoBroker
 from fieldline.edge.ingest.mqtt import MqttIngestor
+from fieldline.edge.ingest.mqtt_client import catch_log_exception
 from fieldline.edge.ingest.outbox import NewRecord, Outbox
 from fieldline.shared.config import MqttSettings
 from fieldline.shared.limits import MAX_RECORD_PAYLOAD_BYTES
-from fieldline.shared.policy import Policy, Retention, Subscription
+from fieldline.shared.policy import InspectionRule, Policy, Retention, Subscription
 from tests.support.polling import wait_until
 
 TOPIC = "plant/line1/sensor/temp"
@@ -191,3 +193,46 @@ def test_telemetry_drops_oldest_but_verdicts_stay(tmp_path: Path) -> None:
     kinds = [r.kind for r in outbox.read_batch(0, 1000)]
     assert kinds.count("verdict") == 30
     assert ids_in(outbox) == list(range(130, 200))
+
+
+def test_catch_log_exception_counts_a_raising_callback_by_name() -> None:
+    counted: list[str] = []
+
+    def _on_message(*_: object) -> None:
+        raise RuntimeError("a bug in a handler")
+
+    wrapped = catch_log_exception(_on_message, counted.append)
+    wrapped(None, None, None)  # returns: the network loop that called it goes on
+    assert counted == ["on_message"]
+
+
+def test_a_raising_inspection_hook_is_counted_and_ingestion_goes_on(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    outbox = Outbox(tmp_path)
+    registry = CollectorRegistry()
+    seen: list[int] = []
+
+    def on_inspect(topic: str, payload: bytes, seq: int) -> None:
+        seen.append(seq)
+        raise RuntimeError("inspection hook bug")
+
+    ing = MqttIngestor(
+        MqttSettings(port=mosquitto.port),
+        outbox,
+        client_id="edge-hook",
+        on_inspect=on_inspect,
+        registry=registry,
+    )
+    rule = InspectionRule(name="r", topic="plant/#", model="m", result_topic="plant/verdicts")
+    ing.apply_policy(Policy(inspections=[rule]))
+    ing.start()
+    assert ing.subscribed.wait(10), "no SUBACK from the broker"
+    pub = publisher(mosquitto.port)
+    publish_all(pub, readings(0, 5))
+    wait_until(lambda: len(seen) == 5, 30, "the hook called for every stored reading")
+    ing.stop()
+    pub.loop_stop()
+    assert sorted(ids_in(outbox)) == list(range(5))
+    errors = registry.get_sample_value("fieldline_edge_mqtt_errors_total", {"where": "on_inspect"})
+    assert errors == 5
