@@ -9,13 +9,17 @@ import queue
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fieldline.cli.harness.mosquitto import MosquittoBroker
+from fieldline.edge.ingest import dataplane as dataplane_module
 from fieldline.edge.ingest.dataplane import DataPlane
+from fieldline.edge.ingest.outbox import NewRecord, OutboxFull, RecordTooLarge
 from fieldline.edge.store import EdgeStore
 from fieldline.shared.config import EdgeSettings, MqttSettings
 from fieldline.shared.health import DataPlaneHealth
+from fieldline.shared.limits import MAX_RECORD_PAYLOAD_BYTES
 from fieldline.shared.schemas import ArtifactState, DesiredState
 from tests.support.onnx_models import INPUT_SHAPE, inspection_policy, tiny_classifier
 from tests.support.polling import wait_until
@@ -109,4 +113,44 @@ def test_policy_applied_message_inspected_verdict_published_and_stored(
         for client in (pub, line):
             client.loop_stop()
             client.disconnect()
+        store.close()
+
+
+def test_verdicts_and_events_not_stored_are_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dataplane_module, "VERDICT_STORE_TRIES", 3)
+    monkeypatch.setattr(dataplane_module, "VERDICT_STORE_RETRY_S", 0.01)
+    store = EdgeStore(tmp_path / "edge")
+    installed_model(store, tmp_path / "detector.onnx")
+    plane = DataPlane(
+        EdgeSettings(data_dir=tmp_path / "edge"), store, "node_test", lambda _m: False
+    )
+    plane.start()
+    try:
+        policy = inspection_policy("detector", retention={"max_rows": 100})
+        plane.apply(DesiredState(node_id="node_test", generation=1, policy=policy))
+        with pytest.raises(RecordTooLarge):  # larger than the cloud stores
+            plane.store_event("plant1/events", b"x" * (MAX_RECORD_PAYLOAD_BYTES + 1), 1)
+        # Only verdicts and events left, and sync behind: the outbox is full for good.
+        plane.outbox.append([NewRecord("verdict", VERDICTS, 1, b"{}")] * 100)
+        with pytest.raises(OutboxFull):
+            plane.store_event("plant1/events", b"{}", 1)
+        frame = json.dumps([0.25] * (3 * 8 * 8)).encode()
+        verdict = plane.inspection.submit("detector-rule", frame).result(timeout=TIMEOUT_S)
+        assert verdict.model == "detector"  # inspected, answered, but not stored
+        health = plane.health()
+        assert (health.verdicts_dropped, health.events_dropped) == (1, 2)
+        assert health.outbox.rows == 100
+        sample = plane.registry.get_sample_value
+        assert (
+            sample("fieldline_edge_records_dropped_total", {"kind": "verdict", "reason": "full"})
+            == 1
+        )
+        assert (
+            sample("fieldline_edge_records_dropped_total", {"kind": "event", "reason": "refused"})
+            == 1
+        )
+    finally:
+        plane.stop()
         store.close()
