@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from fieldline.cli.harness.mosquitto import MosquittoBroker
 from fieldline.edge.ingest.mqtt import MqttIngestor
@@ -236,3 +238,9 @@ def test_a_raising_inspection_hook_is_counted_and_ingestion_goes_on(
     assert sorted(ids_in(outbox)) == list(range(5))
     errors = registry.get_sample_value("fieldline_edge_mqtt_errors_total", {"where": "on_inspect"})
     assert errors == 5
+
+
+def test_max_payload_bytes_cannot_exceed_what_the_cloud_stores() -> None:
+    assert MqttSettings().max_payload_bytes == MAX_RECORD_PAYLOAD_BYTES
+    with pytest.raises(ValidationError, match="less than or equal"):
+        MqttSettings(max_payload_bytes=MAX_RECORD_PAYLOAD_BYTES + 1)
