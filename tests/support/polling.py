@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-POLL_S = 0.1  # cheap enough for an HTTP call or a subprocess per poll (e2e), quick for unit tests
+POLL_S = 0.2  # the e2e tests poll HTTP and `fieldline edge status` (a process) with it
 
 
 def wait_until(
