@@ -145,6 +145,7 @@ class TunnelClient:
                 await self.on_records_ack(msg.records_ack.high_water_seq)
 
     def health(self) -> TunnelHealth:
+        """Whether a stream is up, and the last heartbeat's round trip."""
         return TunnelHealth(connected=self.connected, rtt_ms=self.last_rtt_ms)
 
     def send(self, msg: pb.EdgeMessage) -> bool:

@@ -160,6 +160,7 @@ class DataPlane:
                 log.exception("verdict hook failed", rule=verdict.rule)
 
     def _drop(self, kind: str, reason: str, detail: str, **where: str) -> None:
+        """Count and log a verdict or event that was not stored (reason: full or refused)."""
         if kind == "verdict":
             self.verdicts_dropped += 1
         else:
@@ -204,6 +205,7 @@ class DataPlane:
         await self.sync.on_ack(high_water_seq)
 
     def health(self) -> DataPlaneHealth:
+        """Outbox, MQTT and per-model inspection health, and what was published or dropped."""
         return DataPlaneHealth(
             outbox=self.outbox.stats(),
             mqtt=self.ingestor.health() if self.ingestor is not None else MqttHealth(),

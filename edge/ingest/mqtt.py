@@ -161,6 +161,7 @@ class MqttIngestor:
         self._client.on_subscribe = catch_log_exception(self._on_subscribe, count)
 
     def _count_error(self, where: str) -> None:
+        """Count a callback or hook that raised (catch_log_exception logged it)."""
         self.metrics.errors.labels(where).inc()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -226,6 +227,7 @@ class MqttIngestor:
         return [(t, 1) for t in topics]
 
     def health(self) -> MqttHealth:
+        """Connection, counts since start, and whether acks wait for room (back-pressure)."""
         return MqttHealth(
             configured=True,
             connected=self.connected,
