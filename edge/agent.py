@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from fieldline.edge.control.enroll import EnrollmentError, enroll
 from fieldline.edge.control.installer import ArtifactInstaller
@@ -28,9 +26,9 @@ from fieldline.edge.ingest.dataplane import DataPlane
 from fieldline.edge.ingest.mqtt import MqttConfigError
 from fieldline.edge.llm.services import LlmServices, choose_llm
 from fieldline.edge.store import EdgeStore
-from fieldline.shared.clock import now_ms
+from fieldline.shared.clock import utcnow
 from fieldline.shared.config import EdgeSettings
-from fieldline.shared.health import ModelHealth
+from fieldline.shared.health import ModelHealth, NodeHealth
 from fieldline.shared.logs import configure_logging
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.schemas import ArtifactKind, DesiredState, NodeInfo, ObservedState
@@ -74,8 +72,10 @@ class EdgeAgent:
         self._llm_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._cleanup: list[Callable[[], Awaitable[None]]] = []
-        # Data-plane components add themselves here; each returns its part of the health report.
-        self.health_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        # Each part adds its health report here, keyed by its NodeHealth field (tunnel,
+        # dataplane, llm, gateway); a part the node does not run has none (None in NodeHealth).
+        self.health_sources: dict[str, Callable[[], BaseModel]] = {}
+        self._part_errors: dict[str, str] = {}  # the last error logged per part
         # Per-model health sources (ONNX inspection here; an engine may add its own).
         self.model_sources: list[Callable[[], dict[str, ModelHealth]]] = []
         self.rollback_guard: LocalRollbackGuard | None = None
@@ -123,6 +123,7 @@ class EdgeAgent:
             applied_generation=self._applied_generation,
             tls=store.node_tls(),
         )
+        self.health_sources["tunnel"] = tunnel.health
         try:
             self.dataplane = dataplane = DataPlane(s, store, credential.node_id, tunnel.send)
         except MqttConfigError as exc:
@@ -263,26 +264,29 @@ class EdgeAgent:
             return False
         return bool(self.rollback_guard.check(self.model_health(), self.dataplane.policy))
 
-    def health(self) -> dict[str, Any]:
-        """The heartbeat's summary (shared.schemas.NodeHealth): models, rollbacks, parts."""
-        report: dict[str, Any] = {}
-        if self.tunnel is not None:
-            report["tunnel"] = {
-                "connected": self.tunnel.connected,
-                "rtt_ms": self.tunnel.last_rtt_ms,
-            }
+    def health(self) -> NodeHealth:
+        """The heartbeat's summary: per-model health, local rollbacks, and each part's report.
+
+        A part whose report raises or does not validate as its NodeHealth field is left out and
+        named in part_errors, so one broken part is seen without hiding the others.
+        """
+        health = NodeHealth(
+            models=self.model_health(),
+            local_rollbacks=self.store.local_rollbacks() if self.store is not None else [],
+            reported_at=utcnow(),
+        )
         for name, source in self.health_sources.items():
             try:
-                report[name] = source()
-            except Exception as exc:  # one broken source must not hide the others
-                log.exception("health source failed", source=name)
-                report[name] = {"error": str(exc)}
-        report["models"] = {n: m.model_dump(mode="json") for n, m in self.model_health().items()}
-        if self.store is not None:
-            report["local_rollbacks"] = [
-                r.model_dump(mode="json") for r in self.store.local_rollbacks()
-            ]
-        return report
+                # Checked on its own (a typed part is taken as it is, not validated again).
+                part = getattr(NodeHealth.model_validate({name: source()}), name)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"[:2000]
+                if self._part_errors.get(name) != error:  # logged once, reported every beat
+                    log.exception("health source failed", source=name)
+                health.part_errors[name] = self._part_errors[name] = error
+                continue
+            setattr(health, name, part)
+        return health
 
     async def _heartbeat(self) -> None:
         """Each beat: keep the health summary in the store (for `edge status`) and send it.
@@ -292,12 +296,11 @@ class EdgeAgent:
         # A model that keeps failing is rolled back here (the reconciler does the switching).
         if self._check_models() and self.reconciler is not None:
             self.reconciler.wake()
-        health = json.dumps(self.health(), default=str)
+        health = self.health()
         if self.store is not None:
-            # health_at lets `fieldline edge healthcheck` tell a live daemon from a stale file.
-            self.store.set_meta(health=health, health_at=str(now_ms()))
+            self.store.save_health(health)
         if self.tunnel is not None:
-            self.tunnel.heartbeat(health)
+            self.tunnel.heartbeat(health.model_dump_json())
 
     def _applied_generation(self) -> int:
         observed = self.store.observed() if self.store else None
@@ -332,8 +335,7 @@ class EdgeAgent:
                 )
             )
             # Fresh model health right after a change, not at the next beat: gates read it.
-            health = json.dumps(self.health(), default=str)
-            self.tunnel.heartbeat(health)
+            self.tunnel.heartbeat(self.health().model_dump_json())
 
 
 async def _run(settings: EdgeSettings) -> int:

@@ -15,8 +15,8 @@ from pathlib import Path
 import sqlite_utils
 
 from fieldline.edge.control.identity import NodeTls
-from fieldline.shared.clock import utcnow
-from fieldline.shared.health import LocalRollback
+from fieldline.shared.clock import now_ms, utcnow
+from fieldline.shared.health import LocalRollback, NodeHealth
 from fieldline.shared.schemas import ArtifactState, DesiredState, ObservedState
 
 DB_FILE = "edge.db"
@@ -327,3 +327,12 @@ class EdgeStore:
     def observed(self) -> ObservedState | None:
         text = self.get_meta("observed")
         return ObservedState.model_validate_json(text) if text else None
+
+    # health (the last heartbeat's, for `fieldline edge status` and `edge healthcheck`)
+    def save_health(self, health: NodeHealth) -> None:
+        """Keep the heartbeat's health; health_at tells a live daemon from a stale file."""
+        self.set_meta(health=health.model_dump_json(), health_at=str(now_ms()))
+
+    def health(self) -> NodeHealth | None:
+        text = self.get_meta("health")
+        return NodeHealth.model_validate_json(text) if text else None

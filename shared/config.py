@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from fieldline.shared.limits import MAX_TUNNEL_MESSAGE_BYTES
+from fieldline.shared.limits import MAX_RECORD_PAYLOAD_BYTES, MAX_TUNNEL_MESSAGE_BYTES
 
 
 class ConfigError(Exception):
@@ -168,7 +168,10 @@ class MqttSettings(BaseModel):
     receive_maximum: int = Field(default=1000, ge=1, le=65535)
     batch_max: int = Field(default=1000, ge=1)
     batch_window_ms: float = Field(default=20.0, ge=0)
-    max_payload_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # At most the cloud's record bound: a larger message could be stored here but never synced.
+    max_payload_bytes: int = Field(
+        default=MAX_RECORD_PAYLOAD_BYTES, ge=1024, le=MAX_RECORD_PAYLOAD_BYTES
+    )
 
 
 class LLMSettings(BaseModel):

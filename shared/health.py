@@ -88,7 +88,11 @@ class MqttHealth(_Part):
     configured: bool = False
     connected: bool = False
     stored: int = Field(default=0, ge=0)
-    dead_lettered: int = Field(default=0, ge=0)
+    dead_lettered: int = Field(default=0, ge=0)  # refused ones included
+    # Dead-lettered because the cloud would refuse them as records (shared/limits.py).
+    refused: int = Field(default=0, ge=0)
+    duplicates: int = Field(default=0, ge=0)  # redeliveries acked without storing them again
+    backpressure: bool = False  # the outbox is full of verdicts and events: acks wait for sync
 
 
 class InspectionModelHealth(_Part):
@@ -115,6 +119,11 @@ class DataPlaneHealth(_Part):
     inspection: dict[str, InspectionModelHealth] = Field(default_factory=dict, max_length=256)
     verdicts_published: int = Field(default=0, ge=0)
     defects: int = Field(default=0, ge=0)
+    # Not stored: the outbox stayed full, or the cloud would refuse the record (edge log says).
+    verdicts_dropped: int = Field(default=0, ge=0)
+    events_dropped: int = Field(default=0, ge=0)
+    # Record batches the cloud did not ack in time (sent again from its mark on the next run).
+    sync_unacked_batches: int = Field(default=0, ge=0)
 
 
 class EngineConfigReport(_Part):

@@ -25,8 +25,16 @@ MAX_TUNNEL_MESSAGE_BYTES = 16 * MIB
 # JSON documents carried inside tunnel messages (hello, health, observed state).
 MAX_TUNNEL_JSON_CHARS = 1 * MIB
 
-# Images: decoded pixels of one frame (a decompression bomb stops here, not in RAM).
+# Images: decoded pixels of one frame (a decompression bomb stops here, not in RAM). One bound
+# for every image the edge decodes, MQTT frame or /v1/inspect upload: RAM is the same either way.
 MAX_IMAGE_PIXELS = 4096 * 4096
+# What the inspection runtime takes in one request. Larger than a record on purpose: a payload
+# posted to the gateway's /v1/inspect is never stored as a record (only its verdict is), so the
+# cloud's record bound does not apply to it, and a model input sent as a JSON array (a
+# 224x224x3 tensor is 150,528 values) is far larger than a sensor reading. MQTT frames reach
+# the runtime only after the outbox took them, so they are within MAX_RECORD_PAYLOAD_BYTES.
+MAX_INSPECT_PAYLOAD_BYTES = 16 * MIB
+MAX_INSPECT_ARRAY_VALUES = 4_000_000
 # Numeric values in one JSON reading or array payload.
 MAX_READING_VALUES = 100_000
 # A JSON reading's bytes (frames are bounded by MAX_RECORD_PAYLOAD_BYTES).

@@ -1,4 +1,9 @@
-"""Reconnect delays: exponential with jitter, reset after a healthy connection."""
+"""Reconnect delays: exponential with jitter, reset after a healthy connection.
+
+Not `tenacity`: the tunnel's loop never finishes (a session that ran for hours and dropped is
+normal, not a failed attempt), and the delay resets when a Welcome arrives mid-session, which
+tenacity's per-call attempt count cannot express; its jitter is also not a configurable share.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from fieldline.shared.config import BackoffSettings
 
 
 class Backoff:
+    """next_delay() before each attempt, reset() after a success (the tunnel's Welcome)."""
+
     def __init__(self, settings: BackoffSettings, rng: random.Random | None = None):
         self.settings = settings
         self._rng = rng or random.Random()

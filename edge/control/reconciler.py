@@ -14,7 +14,7 @@ import structlog
 
 from fieldline.edge.control.installer import ArtifactInstaller, Fetcher, InstallError
 from fieldline.edge.store import EdgeStore
-from fieldline.shared.health import LocalRollback, ModelHealth
+from fieldline.shared.health import LocalRollback, ModelHealth, NodeHealth
 from fieldline.shared.schemas import ArtifactStatus, DesiredState, ObservedState
 
 log = structlog.get_logger(__name__)
@@ -29,7 +29,7 @@ class Reconciler:
         installer: ArtifactInstaller,
         fetch: Fetcher,
         report: Callable[[ObservedState], None],
-        health: Callable[[], dict[str, object]] = dict,
+        health: Callable[[], NodeHealth] = NodeHealth,
         on_applied: Callable[[DesiredState], None] | None = None,
         models: Callable[[], dict[str, ModelHealth]] = dict,
         check_models: Callable[[], bool] | None = None,

@@ -18,6 +18,8 @@ from fieldline.edge.control.identity import NodeTls, channel_credentials, channe
 from fieldline.edge.store import Credential
 from fieldline.shared.clock import monotonic_ms, now_ms
 from fieldline.shared.config import EdgeSettings
+from fieldline.shared.health import TunnelHealth
+from fieldline.shared.limits import MAX_TUNNEL_MESSAGE_BYTES
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
 from fieldline.shared.schemas import NodeInfo
@@ -43,9 +45,7 @@ class TunnelClient:
         applied_generation: Callable[[], int] = lambda: 0,
         tls: NodeTls | None = None,
     ):
-        self.settings = settings
         self.cloud = cloud
-        self.credential = credential
         self.node_info = node_info
         self.on_desired = on_desired
         self.on_connected = on_connected
@@ -54,7 +54,6 @@ class TunnelClient:
         self.on_records_ack: Callable[[int], Awaitable[None]] | None = None
         self.connected = False
         self.last_rtt_ms: float | None = None
-        self.last_connected_ms: int | None = None
         self._backoff = Backoff(settings.reconnect)
         self._out: asyncio.Queue[pb.EdgeMessage] | None = None
         self._heartbeat_seq = 0
@@ -66,10 +65,9 @@ class TunnelClient:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", MAX_TUNNEL_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_TUNNEL_MESSAGE_BYTES),
         ]
-        self.tls = tls is not None
         if tls is not None:  # mutual TLS: the cloud knows this node by its certificate
             self._channel = grpc.aio.secure_channel(
                 cloud,
@@ -131,7 +129,6 @@ class TunnelClient:
             if kind == "welcome":
                 self._out = out
                 self.connected = True
-                self.last_connected_ms = now_ms()
                 self._backoff.reset()
                 log.info("tunnel connected", cloud=self.cloud, node=msg.welcome.node_id)
                 if self.on_records_ack is not None:
@@ -146,6 +143,10 @@ class TunnelClient:
                     self.last_rtt_ms = monotonic_ms() - sent
             elif kind == "records_ack" and self.on_records_ack is not None:
                 await self.on_records_ack(msg.records_ack.high_water_seq)
+
+    def health(self) -> TunnelHealth:
+        """Whether a stream is up, and the last heartbeat's round trip."""
+        return TunnelHealth(connected=self.connected, rtt_ms=self.last_rtt_ms)
 
     def send(self, msg: pb.EdgeMessage) -> bool:
         """Queue a message for the cloud; False when no stream is up (the caller retries later)."""

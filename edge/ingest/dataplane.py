@@ -9,31 +9,34 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
 from fieldline.edge.ingest.mqtt import MqttIngestor
-from fieldline.edge.ingest.outbox import NewRecord, Outbox, OutboxFull
+from fieldline.edge.ingest.outbox import NewRecord, Outbox, OutboxFull, RecordRefused
 from fieldline.edge.ingest.sync import OutboxSync
 from fieldline.edge.inspection.health import ModelHealthReporter
 from fieldline.edge.inspection.runtime import InspectionRuntime, Verdict
 from fieldline.edge.store import EdgeStore
 from fieldline.shared.config import EdgeSettings
-from fieldline.shared.health import ModelHealth
+from fieldline.shared.health import DataPlaneHealth, ModelHealth, MqttHealth
 from fieldline.shared.policy import InspectionRule, Policy, Retention
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.schemas import ArtifactKind, DesiredState
 
 log = structlog.get_logger(__name__)
 
+# A verdict that meets a full outbox (only verdicts and events left, sync behind) is tried
+# again this often, this many times (10 s in all, on the model's worker thread), then dropped.
 VERDICT_STORE_RETRY_S = 0.2
 VERDICT_STORE_TRIES = 50
 
 
 class DataPlane:
+    """Owns the outbox, the MQTT ingestor, the inspection runtime and sync; start()/stop()."""
+
     def __init__(
         self,
         settings: EdgeSettings,
@@ -63,8 +66,17 @@ class DataPlane:
         self._last_sync = 0.0
         self.verdicts_published = 0
         self.defects = 0
-        # Called on inspection worker threads after each verdict is stored (the alert
-        # explainer hooks in here); it must return at once and never raise.
+        self.verdicts_dropped = 0
+        self.events_dropped = 0
+        self._dropped = Counter(
+            "fieldline_edge_records_dropped",
+            "Verdicts and events not stored, by kind and reason (full: the outbox stayed full; "
+            "refused: the cloud would refuse the record).",
+            ["kind", "reason"],
+            registry=self.registry,
+        )
+        # Called on inspection worker threads after each verdict is stored, or dropped (the
+        # alert explainer hooks in here); it must return at once and never raise.
         self.on_verdict: Callable[[Verdict, InspectionRule | None], None] | None = None
 
     def start(self) -> None:
@@ -122,18 +134,23 @@ class DataPlane:
     # -- verdicts ------------------------------------------------------------------------------
 
     def _store_verdict(self, verdict: Verdict) -> None:
+        """Store a verdict. A full outbox is retried VERDICT_STORE_TRIES times, VERDICT_STORE_RETRY_S
+        apart (blocking this model's worker: back-pressure on inspection); after that, or when
+        the cloud would refuse the record, the verdict is dropped, logged and counted."""
         rule = next((r for r in self.policy.inspections if r.name == verdict.rule), None)
         topic = rule.result_topic if rule else f"verdicts/{verdict.rule}"
         record = NewRecord("verdict", topic, verdict.ts_ms, verdict.to_json())
-        # Verdicts are never dropped: under back-pressure wait for sync to free room.
         for _ in range(VERDICT_STORE_TRIES):
             try:
                 self.outbox.append([record])
                 break
             except OutboxFull:
                 time.sleep(VERDICT_STORE_RETRY_S)
+            except RecordRefused as exc:
+                self._drop("verdict", "refused", str(exc), rule=verdict.rule)
+                break
         else:
-            log.error("verdict could not be stored: outbox full", rule=verdict.rule)
+            self._drop("verdict", "full", "the outbox stayed full", rule=verdict.rule)
         if verdict.defect:
             self.defects += 1
         if self.on_verdict is not None:
@@ -142,14 +159,31 @@ class DataPlane:
             except Exception:  # a hook must never cost a verdict
                 log.exception("verdict hook failed", rule=verdict.rule)
 
+    def _drop(self, kind: str, reason: str, detail: str, **where: str) -> None:
+        """Count and log a verdict or event that was not stored (reason: full or refused)."""
+        if kind == "verdict":
+            self.verdicts_dropped += 1
+        else:
+            self.events_dropped += 1
+        self._dropped.labels(kind, reason).inc()
+        log.error(f"{kind} dropped: not stored", reason=detail, **where)
+
     def publish_event(self, topic: str, payload: bytes) -> None:
         """Publish something other than a verdict (an alert explanation) with QoS 1."""
         if self.ingestor is not None:
             self.ingestor.publish(topic, payload)
 
     def store_event(self, topic: str, payload: bytes, ts_ms: int) -> None:
-        """Keep an event (kind "event", never dropped) in the outbox for sync to the cloud."""
-        self.outbox.append([NewRecord("event", topic, ts_ms, payload)])
+        """Store an event (kind "event": the outbox never drops one to make room) for sync.
+
+        Tried once, with no retry: a full outbox (OutboxFull) or a record the cloud would refuse
+        (RecordRefused) drops the event, counted and logged here, and raises to the caller.
+        """
+        try:
+            self.outbox.append([NewRecord("event", topic, ts_ms, payload)])
+        except (OutboxFull, RecordRefused) as exc:
+            self._drop("event", "full" if isinstance(exc, OutboxFull) else "refused", str(exc))
+            raise
 
     def _publish(self, topic: str, payload: bytes) -> None:
         if self.ingestor is None:
@@ -170,25 +204,15 @@ class DataPlane:
     async def on_records_ack(self, high_water_seq: int) -> None:
         await self.sync.on_ack(high_water_seq)
 
-    def health(self) -> dict[str, Any]:
-        stats = self.outbox.stats()
-        return {
-            "outbox": {
-                "rows": stats.rows,
-                "bytes": stats.bytes,
-                "unsynced": stats.unsynced,
-                "dropped": stats.dropped,
-                "dead_letters": stats.dead_letters,
-                "last_seq": stats.last_seq,
-                "synced_seq": stats.synced_seq,
-            },
-            "mqtt": {
-                "configured": self.ingestor is not None,
-                "connected": bool(self.ingestor and self.ingestor.connected),
-                "stored": self.ingestor.stored if self.ingestor else 0,
-                "dead_lettered": self.ingestor.dead_lettered if self.ingestor else 0,
-            },
-            "inspection": self.inspection.health(),
-            "verdicts_published": self.verdicts_published,
-            "defects": self.defects,
-        }
+    def health(self) -> DataPlaneHealth:
+        """Outbox, MQTT and per-model inspection health, and what was published or dropped."""
+        return DataPlaneHealth(
+            outbox=self.outbox.stats(),
+            mqtt=self.ingestor.health() if self.ingestor is not None else MqttHealth(),
+            inspection=self.inspection.health(),
+            verdicts_published=self.verdicts_published,
+            defects=self.defects,
+            verdicts_dropped=self.verdicts_dropped,
+            events_dropped=self.events_dropped,
+            sync_unacked_batches=self.sync.unacked_batches,
+        )

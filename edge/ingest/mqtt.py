@@ -3,8 +3,8 @@
 paho's callbacks only queue; one writer thread checks payloads, commits a batch to the outbox,
 and only then acknowledges its messages, so a crash loses nothing the broker handed over. A
 redelivery of a message stored before a crash (DUP flag, same packet id and bytes, among the
-newest ingested rows) is acked without being stored again. `python -m fieldline.edge.ingest.mqtt`
-runs a bare ingestor (the kill -9 tests use it).
+newest ingested rows) is acked without being stored again. A message the cloud would refuse
+as a record, or that is no reading or image, is dead-lettered with the reason and acked.
 """
 
 from __future__ import annotations
@@ -19,22 +19,25 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.client import PUBACK
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from fieldline.edge.ingest.mqtt_client import BufferedClient, PahoClient, catch_log_exception
 from fieldline.edge.ingest.outbox import (
     REDELIVERY_WINDOW_ROWS,
     DeadLetter,
     NewRecord,
     Outbox,
     OutboxFull,
+    RecordRefused,
+    check_record,
 )
 from fieldline.edge.ingest.payloads import PayloadError, classify
 from fieldline.shared.config import MqttSettings
+from fieldline.shared.health import MqttHealth
 from fieldline.shared.policy import Policy, topic_matches
 
 log = structlog.get_logger(__name__)
@@ -43,7 +46,6 @@ RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 FULL_RETRY_S = 0.5  # how often a blocked batch retries while the outbox is full
 QUEUE_POLL_S = 0.1
-READ_CHUNK_BYTES = 256 * 1024  # one recv() for many packets (see _BufferedClient)
 
 InspectFn = Callable[[str, bytes, int], object]
 
@@ -55,69 +57,6 @@ class _Message:
     dup: bool
     topic: str
     payload: bytes
-
-
-class _BufferedClient(mqtt.Client):
-    """paho reads each packet with about four recv() calls and one select() per packet, which
-    caps ingestion near 6,000 msg/s. This serves paho's small reads from one large recv() and
-    parses every packet already read before paho goes back to select() (else they would wait
-    for more bytes to arrive). The buffer belongs to one socket and is dropped on reconnect."""
-
-    _rbuf = b""
-    _rpos = 0
-    _rsock: object = None
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rsock is not self._sock:
-            self._rbuf, self._rpos, self._rsock = b"", 0, self._sock
-        if self._rpos >= len(self._rbuf):
-            data = super()._sock_recv(READ_CHUNK_BYTES)  # BlockingIOError when nothing there
-            if not data:
-                return data  # end of stream
-            self._rbuf, self._rpos = data, 0
-        out = self._rbuf[self._rpos : self._rpos + bufsize]
-        self._rpos += len(out)
-        return out
-
-    def _handle_publish(self) -> mqtt.MQTTErrorCode:
-        """Fast path for the common QoS 0/1 v5 PUBLISH with no properties: paho builds a
-        Properties object for each one (~15 us, a quarter of the time per message here).
-        Anything else (QoS 2, properties such as a topic alias, a short packet) goes to paho."""
-        cmd = self._in_packet["command"]
-        packet = self._in_packet["packet"]
-        qos = (cmd & 0x06) >> 1
-        if self._protocol != mqtt.MQTTv5 or qos == 2 or not self._manual_ack:
-            return super()._handle_publish()
-        try:
-            end = 2 + int.from_bytes(packet[:2], "big")
-            topic = bytes(packet[2:end])
-            mid = 0
-            if qos:
-                mid, end = int.from_bytes(packet[end : end + 2], "big"), end + 2
-            if len(topic) == 0 or (qos and mid == 0) or packet[end] != 0:
-                return super()._handle_publish()
-        except IndexError:
-            return super()._handle_publish()  # malformed: paho raises what it should
-        message = mqtt.MQTTMessage(mid=mid, topic=topic)
-        message.dup = bool(cmd & 0x08)
-        message.qos = qos
-        message.retain = bool(cmd & 0x01)
-        message.payload = bytes(packet[end + 1 :])
-        message.timestamp = time.monotonic()
-        self._handle_on_message(message)  # with manual_ack, QoS 1 waits for our ack()
-        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        # Each round consumes at least one buffered byte, so this ends.
-        while (
-            rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-            and self._sock is not None
-            and self._rsock is self._sock
-            and self._rpos < len(self._rbuf)
-        ):
-            rc = super().loop_read(1)
-        return rc
 
 
 def mqtt_password(settings: MqttSettings) -> str | None:
@@ -140,7 +79,8 @@ class _Metrics:
     def __init__(self, registry: CollectorRegistry):
         self.messages = Counter(
             "fieldline_edge_mqtt_messages",
-            "MQTT messages by result.",
+            "MQTT messages by result: stored, dead_letter (not a reading or image), refused "
+            "(dead-lettered: the cloud would refuse the record), duplicate, dropped.",
             ["result"],
             registry=registry,
         )
@@ -154,7 +94,7 @@ class _Metrics:
         )
         self.errors = Counter(
             "fieldline_edge_mqtt_errors",
-            "Errors caught in MQTT callbacks.",
+            "Errors caught in MQTT callbacks and hooks, and refused publishes and subscriptions.",
             ["where"],
             registry=registry,
         )
@@ -171,11 +111,13 @@ class MqttIngestor:
         client_id: str,
         on_inspect: InspectFn | None = None,
         registry: CollectorRegistry | None = None,
+        client_class: type[PahoClient] = BufferedClient,  # PahoClient: public API (the bench)
     ):
         self.settings = settings
         self.outbox = outbox
-        self.on_inspect = on_inspect
         self.metrics = _Metrics(registry if registry is not None else CollectorRegistry())
+        count = self._count_error
+        self._on_inspect = catch_log_exception(on_inspect, count) if on_inspect else None
         self._subscriptions: dict[str, str] = {}  # topic filter -> record kind
         self._inspect_filters: tuple[str, ...] = ()
         self._lock = threading.Lock()
@@ -185,11 +127,13 @@ class MqttIngestor:
         self.connected = False
         self.subscribed = threading.Event()  # set on the first SUBACK
         self.stored = 0
-        self.dead_lettered = 0
+        self.dead_lettered = 0  # refused ones included
+        self.refused = 0
         self.duplicates = 0  # redeliveries of messages stored before a crash, acked again
+        self.backpressure = False  # the outbox is full: acks wait (the broker holds the rest)
         self._dropped_seen = outbox.dropped
         self._v5 = settings.protocol == "5"
-        self._client = _BufferedClient(
+        self._client = client_class(
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id or client_id,
             protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
@@ -211,10 +155,14 @@ class MqttIngestor:
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise MqttConfigError(f"MQTT TLS files cannot be loaded: {exc}") from exc
         self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = self._on_subscribe
+        self._client.on_connect = catch_log_exception(self._on_connect, count)
+        self._client.on_disconnect = catch_log_exception(self._on_disconnect, count)
+        self._client.on_message = catch_log_exception(self._on_message, count)
+        self._client.on_subscribe = catch_log_exception(self._on_subscribe, count)
+
+    def _count_error(self, where: str) -> None:
+        """Count a callback or hook that raised (catch_log_exception logged it)."""
+        self.metrics.errors.labels(where).inc()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -278,22 +226,30 @@ class MqttIngestor:
             return [(t, SubscribeOptions(qos=1)) for t in topics]
         return [(t, 1) for t in topics]
 
-    # -- paho callbacks (run on paho's thread: never raise) -----------------------------------
+    def health(self) -> MqttHealth:
+        """Connection, counts since start, and whether acks wait for room (back-pressure)."""
+        return MqttHealth(
+            configured=True,
+            connected=self.connected,
+            stored=self.stored,
+            dead_lettered=self.dead_lettered,
+            refused=self.refused,
+            duplicates=self.duplicates,
+            backpressure=self.backpressure,
+        )
+
+    # -- paho callbacks (on paho's thread; wrapped by catch_log_exception in __init__) ---------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
-        try:
-            if getattr(reason_code, "is_failure", False):
-                log.warning("mqtt connect refused", reason=str(reason_code))
-                return
-            self.connected = True
-            with self._lock:
-                topics = list(self._subscriptions)
-            if topics:
-                client.subscribe(self._subscribe_args(topics))
-            log.info("mqtt connected", session_present=flags.session_present, topics=len(topics))
-        except Exception:
-            self.metrics.errors.labels("on_connect").inc()
-            log.exception("mqtt on_connect failed")
+        if getattr(reason_code, "is_failure", False):
+            log.warning("mqtt connect refused", reason=str(reason_code))
+            return
+        self.connected = True
+        with self._lock:
+            topics = list(self._subscriptions)
+        if topics:
+            client.subscribe(self._subscribe_args(topics))
+        log.info("mqtt connected", session_present=flags.session_present, topics=len(topics))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         self.connected = False
@@ -301,24 +257,14 @@ class MqttIngestor:
             log.warning("mqtt disconnected", reason=str(reason_code))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
-        try:
-            refused = [str(rc) for rc in reason_codes if rc.is_failure]
-            if refused:
-                self.metrics.errors.labels("subscribe").inc()
-                log.warning("mqtt subscription refused", reasons=refused)
-            self.subscribed.set()
-        except Exception:
-            self.metrics.errors.labels("on_subscribe").inc()
-            log.exception("mqtt on_subscribe failed")
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            self.metrics.errors.labels("subscribe").inc()
+            log.warning("mqtt subscription refused", reasons=refused)
+        self.subscribed.set()
 
     def _on_message(self, client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
-        try:
-            self._queue.put(
-                _Message(msg.mid, msg.qos, bool(msg.dup), msg.topic, bytes(msg.payload))
-            )
-        except Exception:
-            self.metrics.errors.labels("on_message").inc()
-            log.exception("mqtt on_message failed")
+        self._queue.put(_Message(msg.mid, msg.qos, bool(msg.dup), msg.topic, bytes(msg.payload)))
 
     # -- the writer thread -------------------------------------------------------------------
 
@@ -377,27 +323,11 @@ class MqttIngestor:
             if m.dup and self._key(m) in dups:
                 items.append((m, None, None))
                 continue
-            try:
-                info = classify(m.payload, max_bytes=self.settings.max_payload_bytes)
-            except PayloadError as exc:
-                items.append((m, None, DeadLetter(m.topic, str(exc), m.payload)))
-                continue
-            except Exception as exc:  # a decoder bug must not block the batch: dead-letter it
-                self.metrics.errors.labels("decoder").inc()
-                log.exception("payload decoder failed", topic=m.topic)
-                items.append(
-                    (
-                        m,
-                        None,
-                        DeadLetter(m.topic, f"decoder error: {type(exc).__name__}", m.payload),
-                    )
-                )
-                continue
             kind = kinds.get(m.topic)
             if kind is None:
                 kind = next((k for f, k in subs.items() if topic_matches(f, m.topic)), "telemetry")
                 kinds[m.topic] = kind
-            items.append((m, NewRecord(kind, m.topic, info.ts_ms or now, m.payload), None))
+            items.append((m, *self._check(m, kind, now)))
         size = len(items)
         start = 0
         blocked = False
@@ -416,6 +346,7 @@ class MqttIngestor:
                     log.warning("outbox full; holding acks", error=str(exc))
                     blocked = True
                 self.metrics.blocked.set(1)
+                self.backpressure = True
                 if size > 1:
                     size = max(1, size // 2)
                 elif self._stop.wait(FULL_RETRY_S):
@@ -426,21 +357,24 @@ class MqttIngestor:
         if blocked:
             log.info("outbox has room again; acks resumed")
         self.metrics.blocked.set(0)
+        self.backpressure = False
 
-    def _ack_all(self, mids: list[int]) -> None:
-        """PUBACK every message id, coalesced into one write when paho lets us.
-
-        paho's ack() queues one packet and wakes its loop per message; at thousands of
-        messages per second that wake-up dominates. A PUBACK with no reason code is 4 bytes
-        (0x40 0x02 id id) in MQTT 3.1.1 and 5, so a batch of them is one byte string.
-        """
-        queue_packet = getattr(self._client, "_packet_queue", None)
-        if queue_packet is None or len(mids) < 2:
-            for mid in mids:
-                self._client.ack(mid, 1)
-            return
-        packet = b"".join(b"\x40\x02" + mid.to_bytes(2, "big") for mid in mids)
-        queue_packet(PUBACK, packet, 0, 0)
+    def _check(
+        self, m: _Message, kind: str, now: int
+    ) -> tuple[NewRecord | None, DeadLetter | None]:
+        """The record to store, or the dead letter saying why not."""
+        try:
+            check_record(kind, m.topic, len(m.payload))  # what the cloud would refuse
+            info = classify(m.payload, max_bytes=self.settings.max_payload_bytes)
+        except RecordRefused as exc:
+            return None, DeadLetter(m.topic, str(exc), m.payload, refused=True)
+        except PayloadError as exc:
+            return None, DeadLetter(m.topic, str(exc), m.payload)
+        except Exception as exc:  # a decoder bug must not block the batch: dead-letter it
+            self.metrics.errors.labels("decoder").inc()
+            log.exception("payload decoder failed", topic=m.topic)
+            return None, DeadLetter(m.topic, f"decoder error: {type(exc).__name__}", m.payload)
+        return NewRecord(kind, m.topic, info.ts_ms or now, m.payload), None
 
     def _acked(
         self,
@@ -452,11 +386,14 @@ class MqttIngestor:
     ) -> None:
         """After a commit: ack every message of the part, count, hand frames to inspection."""
         self.metrics.batches.inc()
-        self._ack_all([m.mid for m, _, _ in part if m.qos == 1])
+        self._client.ack_many([m.mid for m, _, _ in part if m.qos == 1])
+        refused = sum(d.refused for d in dead)
         self.stored += len(stored)
         self.dead_lettered += len(dead)
+        self.refused += refused
         self.metrics.messages.labels("stored").inc(len(stored))
-        self.metrics.messages.labels("dead_letter").inc(len(dead))
+        self.metrics.messages.labels("dead_letter").inc(len(dead) - refused)
+        self.metrics.messages.labels("refused").inc(refused)
         self.duplicates += len(part) - len(stored) - len(dead)
         self.metrics.messages.labels("duplicate").inc(len(part) - len(stored) - len(dead))
         # Telemetry the outbox dropped (oldest first) to make room; read after our commit.
@@ -465,7 +402,7 @@ class MqttIngestor:
         self._dropped_seen = dropped
         if dead:
             log.warning("payloads dead-lettered", count=len(dead), first=dead[0].reason)
-        if self.on_inspect is None or not inspect_filters:
+        if self._on_inspect is None or not inspect_filters:
             return
         inspected: dict[str, bool] = {}
         for (m, _), seq in zip(stored, seqs, strict=True):
@@ -473,54 +410,4 @@ class MqttIngestor:
             if hit is None:
                 hit = inspected[m.topic] = any(topic_matches(f, m.topic) for f in inspect_filters)
             if hit:
-                try:
-                    self.on_inspect(m.topic, m.payload, seq)
-                except Exception:
-                    self.metrics.errors.labels("inspect").inc()
-                    log.exception("inspection hook failed", topic=m.topic)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """A bare ingestor process (tests kill -9 it): `python -m fieldline.edge.ingest.mqtt --data DIR ...`."""
-    import argparse
-    import signal
-    from pathlib import Path
-
-    from fieldline.shared.logs import configure_logging
-    from fieldline.shared.policy import Subscription
-
-    ap = argparse.ArgumentParser(description="Ingest MQTT topics into DIR/outbox.db until SIGTERM.")
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--topic", action="append", required=True, help="topic filter (repeatable)")
-    ap.add_argument("--client-id", default="fieldline-edge-ingest")
-    ap.add_argument("--log-level", default="info")
-    args = ap.parse_args(argv)
-    configure_logging(args.log_level)  # stderr: stdout carries only "ready"
-    args.data.mkdir(parents=True, exist_ok=True)
-    outbox = Outbox(args.data)
-    ing = MqttIngestor(
-        MqttSettings(host=args.host, port=args.port), outbox, client_id=args.client_id
-    )
-    ing.apply_policy(Policy(subscriptions=[Subscription(topic=t) for t in args.topic]))
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    ing.start()
-    while not ing.subscribed.wait(0.05) and not done.is_set():
-        pass
-    print("ready", flush=True)
-    done.wait()
-    ing.stop()
-    log.info(
-        "ingestion stopped",
-        stored=ing.stored,
-        dead_lettered=ing.dead_lettered,
-        duplicates=ing.duplicates,
-    )
-    outbox.close()
-
-
-if __name__ == "__main__":
-    main()
+                self._on_inspect(m.topic, m.payload, seq)

@@ -7,8 +7,13 @@ telemetry row lost to a power cut after its ack would be lost for good; one fsyn
 
 Bounds (the policy's retention): rows and bytes. To make room the outbox first deletes synced
 rows, then the oldest unsynced telemetry (counted as dropped); verdicts and events are never
-dropped. When only they fill it, append raises OutboxFull and ingestion stops acknowledging,
-so the broker holds the backlog until sync frees room.
+deleted to make room. When only they fill it, commit_batch raises OutboxFull: MQTT ingestion
+stops acknowledging, so the broker holds the backlog until sync frees room; a verdict or event
+that cannot wait is dropped by its caller, which counts it (edge/ingest/dataplane.py).
+
+Refusals: a record the cloud would refuse (payload over MAX_RECORD_PAYLOAD_BYTES, a kind it
+does not store, a topic over MAX_TOPIC_CHARS) raises RecordRefused and is never stored, so no
+batch the cloud keeps refusing can stall sync.
 
 Exactly once: sequences come from AUTOINCREMENT, so they are never reused, even after the
 newest rows were pruned and the process crashed. A message stored but not acked before a crash
@@ -26,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fieldline.shared.health import OutboxHealth
+from fieldline.shared.limits import MAX_RECORD_PAYLOAD_BYTES, MAX_TOPIC_CHARS, RECORD_KINDS
 from fieldline.shared.policy import Retention
 
 DB_FILE = "outbox.db"
@@ -66,6 +73,32 @@ class OutboxFull(Exception):
     """No room without dropping verdicts or events: stop acknowledging until sync frees room."""
 
 
+class RecordRefused(ValueError):
+    """A record the cloud would refuse, so it is never stored; str() is the reason."""
+
+
+class RecordTooLarge(RecordRefused):
+    """A record whose payload exceeds the cloud's record bound (MAX_RECORD_PAYLOAD_BYTES)."""
+
+    def __init__(self, kind: str, topic: str, size: int, limit: int = MAX_RECORD_PAYLOAD_BYTES):
+        super().__init__(
+            f"{kind} payload of {size} bytes exceeds the record limit of {limit} bytes "
+            f"(topic {topic[:100]!r})"
+        )
+        self.size = size
+        self.limit = limit
+
+
+def check_record(kind: str, topic: str, size: int) -> None:
+    """Raise RecordRefused when the cloud would refuse a record of this kind, topic and size."""
+    if size > MAX_RECORD_PAYLOAD_BYTES:
+        raise RecordTooLarge(kind, topic, size)
+    if kind not in RECORD_KINDS:
+        raise RecordRefused(f"record kind {kind!r} is not one of {sorted(RECORD_KINDS)}")
+    if len(topic) > MAX_TOPIC_CHARS:
+        raise RecordRefused(f"topic of {len(topic)} characters exceeds {MAX_TOPIC_CHARS}")
+
+
 @dataclass(frozen=True)
 class NewRecord:
     kind: str  # telemetry | verdict | event
@@ -88,17 +121,7 @@ class DeadLetter:
     topic: str
     reason: str
     payload: bytes
-
-
-@dataclass(frozen=True)
-class OutboxStats:
-    rows: int
-    bytes: int
-    unsynced: int
-    dropped: int
-    dead_letters: int
-    last_seq: int
-    synced_seq: int
+    refused: bool = False  # a record the cloud would refuse (RecordRefused), not a bad payload
 
 
 def _now_ms() -> int:
@@ -160,9 +183,11 @@ class Outbox:
     ) -> list[int]:
         """Store records, dead letters and delivery keys in one transaction; returns the seqs.
 
-        Raises OutboxFull (and writes nothing) when the records do not fit without dropping
-        verdicts or events.
+        Raises RecordRefused for a record the cloud would refuse, and OutboxFull when the
+        records do not fit without dropping verdicts or events; either way nothing is written.
         """
+        for r in records:
+            check_record(r.kind, r.topic, len(r.payload))
         dead = dead or []
         need_rows = len(records)
         need_bytes = sum(len(r.payload) for r in records)
@@ -191,7 +216,7 @@ class Outbox:
                         [
                             (
                                 now,
-                                d.topic[:512],
+                                d.topic[:MAX_TOPIC_CHARS],
                                 d.reason[:500],
                                 len(d.payload),
                                 d.payload[:DEAD_LETTER_KEEP_BYTES],
@@ -232,6 +257,7 @@ class Outbox:
         return {r[0] for r in rows}
 
     def append(self, records: list[NewRecord]) -> list[int]:
+        """Store records (verdicts, events); raises RecordRefused or OutboxFull, storing none."""
         return self.commit_batch(records)
 
     def _reload_totals(self) -> None:
@@ -312,13 +338,14 @@ class Outbox:
             self._reload_totals()
             return int(cur.rowcount)
 
-    def stats(self) -> OutboxStats:
+    def stats(self) -> OutboxHealth:
+        """Rows, bytes and sequence marks now; dropped and dead letters ever."""
         with self._lock:
             (unsynced,) = self._conn.execute(
                 "SELECT COUNT(*) FROM records WHERE synced_ms IS NULL"
             ).fetchone()
             (last,) = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()
-            return OutboxStats(
+            return OutboxHealth(
                 rows=self._rows,
                 bytes=self._bytes,
                 unsynced=int(unsynced),

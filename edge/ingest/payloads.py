@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-MAX_JSON_BYTES = 256 * 1024
-MAX_VALUES = 100_000
-MAX_IMAGE_PIXELS = 4096 * 4096
+from fieldline.shared.limits import MAX_IMAGE_PIXELS, MAX_JSON_PAYLOAD_BYTES, MAX_READING_VALUES
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -90,8 +89,8 @@ def classify(data: bytes, *, max_bytes: int) -> Payload:
         _check_jpeg(data)
         _verify_image(data, "JPEG")
         return Payload("image", None)
-    if len(data) > MAX_JSON_BYTES:
-        raise PayloadError(f"JSON payload of {len(data)} bytes exceeds {MAX_JSON_BYTES}")
+    if len(data) > MAX_JSON_PAYLOAD_BYTES:
+        raise PayloadError(f"JSON payload of {len(data)} bytes exceeds {MAX_JSON_PAYLOAD_BYTES}")
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, ValueError):
@@ -130,7 +129,7 @@ def _check_values(values: list[object]) -> None:
     flat: list[object] = values
     if isinstance(values[0], list):  # one level of nesting for 2-D inputs
         flat = [v for row in values for v in (row if isinstance(row, list) else [row])]
-    if len(flat) > MAX_VALUES:
-        raise PayloadError(f"array of {len(flat)} values exceeds {MAX_VALUES}")
+    if len(flat) > MAX_READING_VALUES:
+        raise PayloadError(f"array of {len(flat)} values exceeds {MAX_READING_VALUES}")
     if not all(_finite_number(v) for v in flat):
         raise PayloadError("array values must be finite numbers")

@@ -2,33 +2,41 @@
 
 The cloud stores records idempotently by (node, seq) and acks a high-water mark; rows at or
 below it are marked synced here and pruned by the retention policy. After a reconnect the
-cloud's Welcome carries its mark, so sending resumes exactly after what it already has.
+cloud's Welcome carries its mark, so sending resumes exactly after what it already has. A
+batch the cloud does not ack within ACK_TIMEOUT_S is counted (unacked_batches) and sent again
+from the acked mark on the next run; batches stay within the cloud's bounds (shared/limits.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
-from typing import Any, Protocol
 
 import structlog
 
+from fieldline.edge.ingest.outbox import Outbox, OutboxRecord
+from fieldline.shared.limits import MAX_BATCH_PAYLOAD_BYTES, MAX_BATCH_RECORDS
 from fieldline.shared.policy import Retention
 from fieldline.shared.proto import tunnel_pb2 as pb
 
 log = structlog.get_logger(__name__)
 
-BATCH_RECORDS = 2000
-BATCH_BYTES = 4 * 1024 * 1024
+BATCH_RECORDS = 2000  # read per batch; packing stops earlier at MAX_BATCH_PAYLOAD_BYTES
+assert BATCH_RECORDS <= MAX_BATCH_RECORDS
 ACK_TIMEOUT_S = 30.0
 
 
-class OutboxLike(Protocol):
-    def read_batch(self, after_seq: int, limit: int) -> list[Any]: ...
-    def mark_synced(self, high_water_seq: int) -> None: ...
-    def prune(self, retention: Retention) -> Any: ...
-    def stats(self) -> Any: ...
+def pack_batch(rows: list[OutboxRecord]) -> pb.RecordBatch:
+    """The rows from the first on, as many as fit in MAX_BATCH_PAYLOAD_BYTES (at least one: the
+    outbox holds no record over MAX_RECORD_PAYLOAD_BYTES, which is no more than the batch bound)."""
+    batch = pb.RecordBatch()
+    size = 0
+    for r in rows:
+        if batch.records and size + len(r.payload) > MAX_BATCH_PAYLOAD_BYTES:
+            break
+        batch.records.add(seq=r.seq, kind=r.kind, topic=r.topic, ts_ms=r.ts_ms, payload=r.payload)
+        size += len(r.payload)
+    return batch
 
 
 class OutboxSync:
@@ -36,7 +44,7 @@ class OutboxSync:
 
     def __init__(
         self,
-        outbox: OutboxLike,
+        outbox: Outbox,
         send: Callable[[pb.EdgeMessage], bool],
         retention: Callable[[], Retention],
     ):
@@ -44,8 +52,7 @@ class OutboxSync:
         self.send = send
         self.retention = retention
         self.acked_seq = 0
-        self.records_sent = 0
-        self.last_ack_ms: float | None = None
+        self.unacked_batches = 0  # sent but not acked in time (refused by the cloud, or lost)
         self._inflight_top: int | None = None
         self._ack = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -61,7 +68,6 @@ class OutboxSync:
                 "cloud high-water mark went back", cloud=high_water_seq, ours=self.acked_seq
             )
             self.acked_seq = high_water_seq
-        self.last_ack_ms = time.time() * 1000
         if self._inflight_top is not None and high_water_seq >= self._inflight_top:
             self._ack.set()
 
@@ -75,15 +81,7 @@ class OutboxSync:
                 )
                 if not rows:
                     break
-                batch = pb.RecordBatch()
-                size = 0
-                for r in rows:
-                    batch.records.add(
-                        seq=r.seq, kind=r.kind, topic=r.topic, ts_ms=r.ts_ms, payload=r.payload
-                    )
-                    size += len(r.payload)
-                    if size >= BATCH_BYTES:
-                        break
+                batch = pack_batch(rows)
                 top = batch.records[-1].seq
                 self._inflight_top = top
                 self._ack.clear()
@@ -92,12 +90,12 @@ class OutboxSync:
                 try:
                     await asyncio.wait_for(self._ack.wait(), ACK_TIMEOUT_S)
                 except TimeoutError:
-                    log.warning("no ack for a record batch", top=top)
+                    self.unacked_batches += 1
+                    log.warning("no ack for a record batch", top=top, records=len(batch.records))
                     break
                 finally:
                     self._inflight_top = None
                 sent += len(batch.records)
-            self.records_sent += sent
             if sent:
                 await asyncio.to_thread(self.outbox.prune, self.retention())
             return sent

@@ -5,13 +5,12 @@ this version loaded and how it served over the last window (what rollout health 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from fieldline.edge.inspection.model import ModelLoadError, load_model
 from fieldline.shared.config import InspectionSettings
-from fieldline.shared.health import ModelHealth
+from fieldline.shared.health import InspectionModelHealth, ModelHealth
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +28,7 @@ class ModelHealthReporter:
         self._checked: dict[tuple[str, str, str], str | None] = {}
 
     def report(
-        self, active: dict[str, tuple[str, Path]], served: dict[str, dict[str, Any]]
+        self, active: dict[str, tuple[str, Path]], served: dict[str, InspectionModelHealth]
     ) -> dict[str, ModelHealth]:
         """active: name -> (version, path) of active ONNX artifacts; served: inspection health."""
         out: dict[str, ModelHealth] = {}
@@ -40,26 +39,25 @@ class ModelHealthReporter:
                 out[name] = ModelHealth(
                     name=name, version=version, loaded=error is None, serving=False, error=error
                 )
-            elif h.get("loaded") and h.get("version") == version:
+            elif h.loaded and h.version == version:
                 out[name] = ModelHealth(
                     name=name,
                     version=version,
                     loaded=True,
                     serving=True,
-                    requests=int(h.get("requests", 0)),
-                    errors=int(h.get("errors", 0)),
-                    window_s=float(h.get("window_s", 0.0)),
-                    window_requests=int(h.get("window_requests", 0)),
-                    window_errors=int(h.get("window_errors", 0)),
-                    error_rate=float(h.get("error_rate", 0.0)),
-                    p95_latency_ms=h.get("p95_latency_ms"),
-                    error=None,
+                    requests=h.requests,
+                    errors=h.errors,
+                    window_s=h.window_s,
+                    window_requests=h.window_requests,
+                    window_errors=h.window_errors,
+                    error_rate=h.error_rate,
+                    p95_latency_ms=h.p95_latency_ms,
                 )
             else:
                 # The rule's model failed to load: an older version may still be serving.
-                error = h.get("error") or f"{name} {version} is not loaded"
+                error = h.error or f"{name} {version} is not loaded"
                 out[name] = ModelHealth(
-                    name=name, version=version, loaded=False, serving=False, error=str(error)[:2000]
+                    name=name, version=version, loaded=False, serving=False, error=error[:2000]
                 )
         live = {(n, v, str(p)) for n, (v, p) in active.items()}
         self._checked = {k: v for k, v in self._checked.items() if k in live}

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from fieldline.shared.limits import (
+    MAX_IMAGE_PIXELS,
+    MAX_INSPECT_ARRAY_VALUES,
+    MAX_INSPECT_PAYLOAD_BYTES,
+)
 from fieldline.shared.policy import Postprocess, Preprocess
 
-# Bounds on what one payload may cost us before we reject it.
-MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
-MAX_IMAGE_PIXELS = 40_000_000  # 40 MP: a decompression bomb stops here, not in RAM
-MAX_ARRAY_ELEMENTS = 4_000_000
 ACCEPTED_IMAGE_FORMATS = frozenset({"PNG", "JPEG"})
 ANOMALY_LABELS = ("normal", "anomaly")
 
@@ -48,8 +49,8 @@ def preprocess_payload(payload: bytes, pre: Preprocess) -> np.ndarray:
         raise PayloadError("type", f"payload must be bytes, got {type(payload).__name__}")
     if len(payload) == 0:
         raise PayloadError("empty", "payload is empty")
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise PayloadError("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    if len(payload) > MAX_INSPECT_PAYLOAD_BYTES:
+        raise PayloadError("too_large", f"{len(payload)} bytes > {MAX_INSPECT_PAYLOAD_BYTES}")
     if pre.decoder == "image":
         hwc = _decode_image(bytes(payload), pre)
         return normalize(hwc, pre, channels_last=True)
@@ -130,8 +131,8 @@ def _decode_array(payload: bytes) -> np.ndarray:
             arr = np.asarray(data, dtype=np.float32)
     except (ValueError, TypeError, OverflowError) as exc:
         raise PayloadError("array", f"not a rectangular array of numbers: {exc}") from exc
-    if arr.size > MAX_ARRAY_ELEMENTS:
-        raise PayloadError("too_large", f"{arr.size} elements > {MAX_ARRAY_ELEMENTS}")
+    if arr.size > MAX_INSPECT_ARRAY_VALUES:
+        raise PayloadError("too_large", f"{arr.size} elements > {MAX_INSPECT_ARRAY_VALUES}")
     if not np.all(np.isfinite(arr)):
         raise PayloadError("array", "array holds NaN or infinity")
     return arr

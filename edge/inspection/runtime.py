@@ -12,13 +12,11 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from fieldline.edge.inspection.model import LoadedModel, ModelLoadError, load_model
 from fieldline.edge.inspection.worker import (
-    HEALTH_WINDOW_S,
     InspectionRejected,
     ModelWorker,
     Request,
@@ -26,6 +24,7 @@ from fieldline.edge.inspection.worker import (
     WorkerHooks,
 )
 from fieldline.shared.config import InspectionSettings
+from fieldline.shared.health import HEALTH_WINDOW_S, InspectionModelHealth, p95
 from fieldline.shared.policy import InspectionRule, Policy, topic_matches
 
 __all__ = ["InspectionRejected", "InspectionRuntime", "ModelLoadError", "Verdict"]
@@ -78,23 +77,6 @@ class _Metrics:
             ["callback"],
             registry=registry,
         )
-
-
-# health() of a model the policy names but no session serves.
-_EMPTY_HEALTH: dict[str, Any] = {
-    "loaded": False,
-    "version": None,
-    "providers": [],
-    "requests": 0,
-    "errors": 0,
-    "inferences": 0,
-    "queue_depth": 0,
-    "window_s": HEALTH_WINDOW_S,
-    "window_requests": 0,
-    "window_errors": 0,
-    "error_rate": 0.0,
-    "p95_latency_ms": None,
-}
 
 
 class _LogLimiter:
@@ -376,37 +358,34 @@ class InspectionRuntime:
 
     # -- observed state --------------------------------------------------------------------
 
-    def health(self) -> dict[str, dict[str, Any]]:
+    def health(self) -> dict[str, InspectionModelHealth]:
         """Per model: loaded, version, providers, totals, and the last window's error rate and
         p95 latency (what a rollout's health gate reads)."""
-        out: dict[str, dict[str, Any]] = {}
         with self._lock:
             workers = dict(self._workers)
             errors = dict(self._load_errors)
             swap_errors = dict(self._swap_errors)
-        for name, error in errors.items():
-            out[name] = {**_EMPTY_HEALTH, "error": error}
+        out = {name: InspectionModelHealth(error=error[:2000]) for name, error in errors.items()}
         for name, worker in workers.items():
             stats = worker.stats
             cutoff = time.monotonic() - HEALTH_WINDOW_S
             with stats.lock:
                 window = [(ms, ok) for t, ms, ok in stats.window if t >= cutoff]
                 totals = (stats.requests, stats.errors, stats.inferences)
-            ok_ms = [ms for ms, ok in window if ok]
             failed = sum(1 for _, ok in window if not ok)
-            out[name] = {
-                "loaded": True,
-                "version": worker.model.version,
-                "providers": worker.model.providers,
-                "requests": totals[0],
-                "errors": totals[1],
-                "inferences": totals[2],
-                "queue_depth": worker.depth(),
-                "window_s": HEALTH_WINDOW_S,
-                "window_requests": len(window),
-                "window_errors": failed,
-                "error_rate": failed / len(window) if window else 0.0,
-                "p95_latency_ms": float(np.percentile(ok_ms, 95)) if ok_ms else None,
-                "error": swap_errors.get(name),
-            }
+            swap_error = swap_errors.get(name)
+            out[name] = InspectionModelHealth(
+                loaded=True,
+                version=worker.model.version,
+                providers=worker.model.providers,
+                requests=totals[0],
+                errors=totals[1],
+                inferences=totals[2],
+                queue_depth=worker.depth(),
+                window_requests=len(window),
+                window_errors=failed,
+                error_rate=failed / len(window) if window else 0.0,
+                p95_latency_ms=p95([ms for ms, ok in window if ok]),
+                error=swap_error[:2000] if swap_error else None,
+            )
         return out

@@ -24,11 +24,11 @@ from fieldline.edge.inspection.preprocess import (
     preprocess_payload,
 )
 from fieldline.shared.clock import now_ms
+from fieldline.shared.health import HEALTH_WINDOW_S
 from fieldline.shared.policy import InspectionRule
 
 log = structlog.get_logger(__name__)
 
-HEALTH_WINDOW_S = 60.0
 # health() looks at the last HEALTH_WINDOW_S seconds, or this many requests if fewer.
 HEALTH_WINDOW_MAX = 20_000
 STOP_TIMEOUT_S = 10.0

@@ -6,8 +6,7 @@ import hashlib
 import json
 import ssl
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from fieldline.cli.harness.processes import (
     start_cloud,
     start_edge,
 )
+from tests.support.polling import wait_until
 
 # Short reconnect backoff so tests see reconnection within seconds.
 EDGE_ENV = {
@@ -34,24 +34,7 @@ EDGE_ENV = {
 }
 CLOUD_ENV = {"FIELDLINE_OFFLINE_AFTER_S": "5", "FIELDLINE_ROLLOUT_TICK_S": "0.3"}
 
-
-def wait_until(
-    predicate: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.2
-) -> Any:
-    """Poll until predicate() is truthy; fail the test with `what` on timeout."""
-    deadline = time.monotonic() + timeout_s
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # the thing polled may not be up yet; report the last error
-            last_exc = exc
-        time.sleep(poll_s)
-    raise AssertionError(
-        f"timed out after {timeout_s}s waiting for {what} (last error: {last_exc})"
-    )
+__all__ = ["CLOUD_ENV", "EDGE_ENV", "Fleet", "edge_status", "sha256_file", "wait_until"]
 
 
 def sha256_file(path: Path) -> str:

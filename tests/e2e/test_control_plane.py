@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fieldline.cli.admin_client import AdminClient
-from tests.e2e.conftest import Fleet, edge_status, sha256_file, wait_until
+from tests.e2e.conftest import Fleet, edge_status, sha256_file
+from tests.support.polling import wait_until
 
 CONVERGE_S = 60
 

@@ -20,7 +20,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fieldline.cli.harness.classifier import make_frame, train_classifier
 from fieldline.cli.harness.mosquitto import MosquittoBroker
 from fieldline.cli.harness.tcp_proxy import TcpProxy
-from tests.e2e.conftest import EDGE_ENV, Fleet, edge_status, wait_until
+from fieldline.shared.health import NodeHealth
+from tests.e2e.conftest import EDGE_ENV, Fleet, edge_status
+from tests.support.polling import wait_until
 
 READINGS = "plant1/line-a/sensor/temp"
 FRAMES = "plant1/line-a/camera/frames"
@@ -160,8 +162,12 @@ def test_readings_and_verdicts_reach_the_cloud(line_edge) -> None:  # type: igno
     verdicts = cloud_records(fleet, node_id, "verdict")
     assert len(verdicts) == 40
     assert {v["topic"] for v in verdicts} == {VERDICTS}
-    node = fleet.node_of("edge-a")
-    assert node["health"]["dataplane"]["inspection"]["classifier"]["loaded"] is True
+    # The heartbeat's health as the cloud serves it parses as the edge's NodeHealth.
+    health = NodeHealth.model_validate(fleet.node_of("edge-a")["health"])
+    assert health.dataplane is not None and health.tunnel is not None and health.tunnel.connected
+    assert health.dataplane.inspection["classifier"].loaded
+    assert health.dataplane.verdicts_dropped == 0 and health.dataplane.mqtt.refused == 0
+    assert not {"tunnel", "dataplane"} & set(health.part_errors) and health.reported_at is not None
 
 
 @pytest.mark.parametrize("total", [3000, pytest.param(20_000, marks=pytest.mark.slow)])

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,38 +11,10 @@ import pytest
 from fieldline.edge.control.backoff import Backoff
 from fieldline.edge.control.installer import ArtifactInstaller, InstallError
 from fieldline.edge.store import Credential, EdgeStore
-from fieldline.shared.clock import utcnow
 from fieldline.shared.config import BackoffSettings
-from fieldline.shared.schemas import ArtifactManifest, DesiredState, SignedManifest
-from fieldline.shared.signing import generate_key, public_key_bytes, sign_manifest
-
-CHUNK = 1000
-
-
-def signed_blob(key, data: bytes, version: str = "1") -> SignedManifest:  # type: ignore[no-untyped-def]
-    manifest = ArtifactManifest(
-        name="model",
-        version=version,
-        kind="file",
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        created=utcnow(),
-    )
-    return sign_manifest(key, manifest)
-
-
-class Fetcher:
-    """Serves bytes from an offset in chunks and counts what it sent (as the cloud's metric does)."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-        self.sent = 0
-
-    async def __call__(self, sha256: str, offset: int) -> AsyncIterator[bytes]:
-        for i in range(offset, len(self.data), CHUNK):
-            block = self.data[i : i + CHUNK]
-            self.sent += len(block)
-            yield block
+from fieldline.shared.schemas import DesiredState, SignedManifest
+from fieldline.shared.signing import generate_key, public_key_bytes
+from tests.support.artifacts import Fetcher, signed_blob
 
 
 def test_store_is_private_and_generations_never_go_back(tmp_path: Path) -> None:

@@ -9,13 +9,19 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from fieldline.cli.harness.mosquitto import MosquittoBroker
 from fieldline.edge.ingest.mqtt import MqttIngestor
+from fieldline.edge.ingest.mqtt_client import catch_log_exception
 from fieldline.edge.ingest.outbox import NewRecord, Outbox
 from fieldline.shared.config import MqttSettings
-from fieldline.shared.policy import Policy, Retention, Subscription
+from fieldline.shared.limits import MAX_RECORD_PAYLOAD_BYTES
+from fieldline.shared.policy import InspectionRule, Policy, Retention, Subscription
+from tests.support.polling import wait_until
 
 TOPIC = "plant/line1/sensor/temp"
 
@@ -50,21 +56,11 @@ def ids_in(outbox: Outbox) -> list[int]:
     return out
 
 
-def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def ingestor(broker: MosquittoBroker, outbox: Outbox, cid: str = "edge-test", **kw) -> MqttIngestor:  # type: ignore[no-untyped-def]
     ing = MqttIngestor(MqttSettings(port=broker.port, **kw), outbox, client_id=cid)
     ing.apply_policy(Policy(subscriptions=[Subscription(topic="plant/#")]))
     ing.start()
-    wait_for(lambda: ing.connected, 10, "the ingestor to connect")
-    time.sleep(0.2)  # subscription in place
+    assert ing.subscribed.wait(10), "no SUBACK from the broker"
     return ing
 
 
@@ -73,7 +69,7 @@ def test_readings_stored_exactly_once(mosquitto: MosquittoBroker, tmp_path: Path
     ing = ingestor(mosquitto, outbox)
     pub = publisher(mosquitto.port)
     publish_all(pub, readings(0, 2000))
-    wait_for(lambda: len(ids_in(outbox)) >= 2000, 30, "2000 readings")
+    wait_until(lambda: len(ids_in(outbox)) >= 2000, 30, "2000 readings")
     ing.stop()
     pub.loop_stop()
     ids = ids_in(outbox)
@@ -108,8 +104,8 @@ def test_garbage_is_dead_lettered_and_valid_ones_stored(
         mixed.append(g)
         mixed.append(garbage[i % len(garbage)])
     publish_all(pub, mixed)
-    wait_for(lambda: outbox.stats().dead_letters >= 300, 30, "garbage dead-lettered")
-    wait_for(lambda: len(ids_in(outbox)) >= 300, 30, "valid readings")
+    wait_until(lambda: outbox.stats().dead_letters >= 300, 30, "garbage dead-lettered")
+    wait_until(lambda: len(ids_in(outbox)) >= 300, 30, "valid readings")
     assert ing.connected
     assert sorted(ids_in(outbox)) == list(range(300))
     assert outbox.stats().dead_letters == 300
@@ -117,6 +113,25 @@ def test_garbage_is_dead_lettered_and_valid_ones_stored(
     assert any("not JSON" in r for r in reasons) and any("exceeds" in r for r in reasons)
     ing.stop()
     pub.loop_stop()
+
+
+def test_a_message_over_the_cloud_record_limit_is_dead_lettered_with_the_reason(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    outbox = Outbox(tmp_path)
+    ing = ingestor(mosquitto, outbox, max_payload_bytes=MAX_RECORD_PAYLOAD_BYTES)
+    pub = publisher(mosquitto.port)
+    publish_all(pub, [b"x" * (MAX_RECORD_PAYLOAD_BYTES + 1)])
+    wait_until(lambda: ing.health().dead_lettered == 1, 30, "the oversize message dead-lettered")
+    ing.stop()
+    pub.loop_stop()
+    assert outbox.stats().rows == 0 and outbox.read_batch(0, 10) == []
+    [(topic, reason, size)] = outbox.dead_letters()
+    assert (topic, size) == (TOPIC, MAX_RECORD_PAYLOAD_BYTES + 1)
+    assert f"exceeds the record limit of {MAX_RECORD_PAYLOAD_BYTES} bytes" in reason
+    health = ing.health()
+    assert (health.refused, health.dead_lettered, health.stored) == (1, 1, 0)
+    assert outbox.stats().dead_letters == 1
 
 
 def test_broker_restart_loses_nothing(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
@@ -132,7 +147,7 @@ def test_broker_restart_loses_nothing(mosquitto: MosquittoBroker, tmp_path: Path
     ing2 = ingestor(mosquitto, Outbox(tmp_path))
     pub2 = publisher(mosquitto.port)
     publish_all(pub2, readings(1500, 500))
-    wait_for(lambda: len(ids_in(outbox)) >= 2000, 30, "all readings after the restart")
+    wait_until(lambda: len(ids_in(outbox)) >= 2000, 30, "all readings after the restart")
     assert sorted(ids_in(outbox)) == list(range(2000))
     ing2.stop()
     pub2.loop_stop()
@@ -148,13 +163,13 @@ def test_backpressure_holds_acks_until_sync_frees_room(
     pub = publisher(mosquitto.port)
     t = threading.Thread(target=publish_all, args=(pub, readings(0, 400)))
     t.start()
-    time.sleep(2)
+    wait_until(lambda: ing.health().backpressure, 10, "the ingestor to hold its acks")
     assert ids_in(outbox) == []  # nothing stored, nothing acked: the broker holds them
     assert outbox.stats().rows == 100
     outbox.mark_synced(100)  # the cloud took the verdicts
     outbox.prune()
     # Room for 100 rows at a time: telemetry drops oldest as more arrives; ingestion catches up.
-    wait_for(lambda: outbox.stats().last_seq >= 100 + 400, 30, "ingestion to catch up")
+    wait_until(lambda: outbox.stats().last_seq >= 100 + 400, 30, "ingestion to catch up")
     t.join(30)
     stats = outbox.stats()
     assert stats.rows <= 100
@@ -180,3 +195,52 @@ def test_telemetry_drops_oldest_but_verdicts_stay(tmp_path: Path) -> None:
     kinds = [r.kind for r in outbox.read_batch(0, 1000)]
     assert kinds.count("verdict") == 30
     assert ids_in(outbox) == list(range(130, 200))
+
+
+def test_catch_log_exception_counts_a_raising_callback_by_name() -> None:
+    counted: list[str] = []
+
+    def _on_message(*_: object) -> None:
+        raise RuntimeError("a bug in a handler")
+
+    wrapped = catch_log_exception(_on_message, counted.append)
+    wrapped(None, None, None)  # returns: the network loop that called it goes on
+    assert counted == ["on_message"]
+
+
+def test_a_raising_inspection_hook_is_counted_and_ingestion_goes_on(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    outbox = Outbox(tmp_path)
+    registry = CollectorRegistry()
+    seen: list[int] = []
+
+    def on_inspect(topic: str, payload: bytes, seq: int) -> None:
+        seen.append(seq)
+        raise RuntimeError("inspection hook bug")
+
+    ing = MqttIngestor(
+        MqttSettings(port=mosquitto.port),
+        outbox,
+        client_id="edge-hook",
+        on_inspect=on_inspect,
+        registry=registry,
+    )
+    rule = InspectionRule(name="r", topic="plant/#", model="m", result_topic="plant/verdicts")
+    ing.apply_policy(Policy(inspections=[rule]))
+    ing.start()
+    assert ing.subscribed.wait(10), "no SUBACK from the broker"
+    pub = publisher(mosquitto.port)
+    publish_all(pub, readings(0, 5))
+    wait_until(lambda: len(seen) == 5, 30, "the hook called for every stored reading")
+    ing.stop()
+    pub.loop_stop()
+    assert sorted(ids_in(outbox)) == list(range(5))
+    errors = registry.get_sample_value("fieldline_edge_mqtt_errors_total", {"where": "on_inspect"})
+    assert errors == 5
+
+
+def test_max_payload_bytes_cannot_exceed_what_the_cloud_stores() -> None:
+    assert MqttSettings().max_payload_bytes == MAX_RECORD_PAYLOAD_BYTES
+    with pytest.raises(ValidationError, match="less than or equal"):
+        MqttSettings(max_payload_bytes=MAX_RECORD_PAYLOAD_BYTES + 1)

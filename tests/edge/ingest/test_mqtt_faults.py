@@ -25,6 +25,7 @@ from fieldline.edge.ingest.mqtt import MqttIngestor
 from fieldline.edge.ingest.outbox import DB_FILE, Outbox
 from fieldline.shared.config import MqttSettings
 from fieldline.shared.policy import Policy, Subscription
+from tests.support.polling import wait_until
 
 TOPIC = "plant/line1/sensor/temp"
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,23 +78,14 @@ def row_count(data_dir: Path) -> int:
         return 0
 
 
-def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class IngestProcess:
-    """`python -m fieldline.edge.ingest.mqtt` in a subprocess, so the test can kill -9 it."""
+    """`python -m fieldline.cli.harness.ingestor` in a subprocess, so the test can kill -9 it."""
 
     def __init__(self, data_dir: Path, port: int):
         self.args = [
             sys.executable,
             "-m",
-            "fieldline.edge.ingest.mqtt",
+            "fieldline.cli.harness.ingestor",
             "--data",
             str(data_dir),
             "--port",
@@ -140,13 +132,13 @@ def test_kill9_mid_stream_stores_every_reading_once(
         )
         sender.start()
         kill_at = random.randint(total // 10, total * 7 // 10)
-        wait_for(lambda: row_count(data) >= kill_at, 60, f"{kill_at} rows before the kill")
+        wait_until(lambda: row_count(data) >= kill_at, 60, f"{kill_at} rows before the kill")
         proc.kill9()
         killed_with = row_count(data)
         assert killed_with < total, "the kill came after everything was stored"
         proc.start()  # same client id: the broker resumes the session, redelivering unacked ones
         sender.join(PUBLISH_TIMEOUT_S)
-        wait_for(lambda: row_count(data) >= total, 60, "every reading after the restart")
+        wait_until(lambda: row_count(data) >= total, 60, "every reading after the restart")
         time.sleep(0.5)  # anything extra (a duplicate) would land now
         assert proc.stop() == 0
         # For the record: how many redeliveries the restarted process recognised.
@@ -176,11 +168,11 @@ def test_broker_restart_mid_stream_loses_no_qos1_message(
             target=publish_all, args=(pub, [reading(i) for i in range(total)]), daemon=True
         )
         sender.start()
-        wait_for(lambda: ing.stored >= total // 4, 60, "a quarter stored")
+        wait_until(lambda: ing.stored >= total // 4, 60, "a quarter stored")
         mosquitto.restart()  # SIGTERM: saves persistence; both clients reconnect and resume
         sender.join(PUBLISH_TIMEOUT_S)
         assert not sender.is_alive()
-        wait_for(lambda: len(stored_ids(tmp_path)) >= total, 60, "every reading")
+        wait_until(lambda: len(stored_ids(tmp_path)) >= total, 60, "every reading")
         time.sleep(0.5)
     finally:
         ing.stop()
@@ -260,11 +252,13 @@ def test_garbled_payloads_dead_lettered_valid_ones_stored(
     try:
         assert ing.subscribed.wait(10)
         publish_all(pub, mixed)
-        wait_for(lambda: ing.stored + ing.dead_lettered >= len(mixed), 120, "every message handled")
+        wait_until(
+            lambda: ing.stored + ing.dead_lettered >= len(mixed), 120, "every message handled"
+        )
         assert ing.connected  # the ingestor is alive and still connected
         # ...and still ingests after all that.
         publish_all(pub, [reading(n_valid)])
-        wait_for(lambda: ing.stored == n_valid + len(frames) + 1, 10, "a reading after garbage")
+        wait_until(lambda: ing.stored == n_valid + len(frames) + 1, 10, "a reading after garbage")
     finally:
         ing.stop()
         pub.loop_stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from fieldline.edge.ingest.mqtt import MqttConfigError, MqttIngestor
 from fieldline.edge.ingest.outbox import Outbox
 from fieldline.shared.config import MqttSettings
 from fieldline.shared.policy import Policy, Subscription
+from tests.support.polling import holds_within
 
 TOPIC = "plant/line1/sensor/temp"
 USER, PASSWORD = "edge-1", "correct horse battery staple"
@@ -128,15 +128,6 @@ def _publish_tls(port: int, pki: Pki, *, password: bool, n: int = 5) -> None:
         c.disconnect()
 
 
-def _wait(pred, timeout: float = CONNECT_S) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_tls_with_username_and_password_file(tmp_path: Path, pki: Pki, run: list[Run]) -> None:
     broker = _broker(tmp_path, pki, client_certs=False)
     try:
@@ -151,9 +142,11 @@ def test_tls_with_username_and_password_file(tmp_path: Path, pki: Pki, run: list
             password_file=pw,
         )
         r = _ingest(run, tmp_path, settings)
-        assert _wait(r.ingestor.subscribed.is_set), "no TLS session with the broker"
+        assert holds_within(r.ingestor.subscribed.is_set, CONNECT_S), (
+            "no TLS session with the broker"
+        )
         _publish_tls(broker.port, pki, password=True)
-        assert _wait(lambda: r.ingestor.stored == 5)
+        assert holds_within(lambda: r.ingestor.stored == 5, CONNECT_S)
         # A wrong password is refused: never connected, nothing stored.
         wrong = MqttSettings(
             host="127.0.0.1",
@@ -164,14 +157,14 @@ def test_tls_with_username_and_password_file(tmp_path: Path, pki: Pki, run: list
             password="nope",
         )
         bad = _ingest(run, tmp_path, wrong)
-        assert not _wait(lambda: bad.ingestor.connected, 1.5)
+        assert not holds_within(lambda: bad.ingestor.connected, 1.5)
         # A plain-text client on the TLS port gets nowhere either.
         plain = _ingest(
             run,
             tmp_path,
             MqttSettings(host="127.0.0.1", port=broker.port, username=USER, password=PASSWORD),
         )
-        assert not _wait(lambda: plain.ingestor.connected, 1.5)
+        assert not holds_within(lambda: plain.ingestor.connected, 1.5)
     finally:
         broker.kill()
 
@@ -188,16 +181,18 @@ def test_tls_with_a_client_certificate(tmp_path: Path, pki: Pki, run: list[Run])
             key_file=pki.client_key,
         )
         r = _ingest(run, tmp_path, settings)
-        assert _wait(r.ingestor.subscribed.is_set), "no mutual-TLS session with the broker"
+        assert holds_within(r.ingestor.subscribed.is_set, CONNECT_S), (
+            "no mutual-TLS session with the broker"
+        )
         _publish_tls(broker.port, pki, password=False, n=3)
-        assert _wait(lambda: r.ingestor.stored == 3)
+        assert holds_within(lambda: r.ingestor.stored == 3, CONNECT_S)
         # No client certificate: the broker refuses the handshake.
         nocert = _ingest(
             run,
             tmp_path,
             MqttSettings(host="127.0.0.1", port=broker.port, tls=True, ca_file=pki.ca),
         )
-        assert not _wait(lambda: nocert.ingestor.connected, 1.5)
+        assert not holds_within(lambda: nocert.ingestor.connected, 1.5)
         # A broker certificate from a CA we do not trust: the ingestor refuses the broker.
         other = _pki(tmp_path, "other")
         distrust = MqttSettings(
@@ -209,7 +204,7 @@ def test_tls_with_a_client_certificate(tmp_path: Path, pki: Pki, run: list[Run])
             key_file=pki.client_key,
         )
         d = _ingest(run, tmp_path, distrust)
-        assert not _wait(lambda: d.ingestor.connected, 1.5)
+        assert not holds_within(lambda: d.ingestor.connected, 1.5)
     finally:
         broker.kill()
 

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from fieldline.edge.ingest.outbox import DB_FILE, DeadLetter, NewRecord, Outbox, OutboxFull
+from fieldline.edge.ingest.outbox import (
+    DB_FILE,
+    DeadLetter,
+    NewRecord,
+    Outbox,
+    OutboxFull,
+    RecordRefused,
+    RecordTooLarge,
+)
+from fieldline.shared.limits import MAX_RECORD_PAYLOAD_BYTES, MAX_TOPIC_CHARS
 from fieldline.shared.policy import Retention
 
 
@@ -108,3 +117,24 @@ def test_redelivery_keys(tmp_path: Path) -> None:
     box.append([NewRecord("verdict", "v", 1, b"{}") for _ in range(5)])  # no delivery key
     box.commit_batch([tele(2), tele(3)], delivered=["9:cc", "10:dd"])
     assert box.already_delivered(["7:aa", "8:bb", "10:dd"], window=3) == {"8:bb", "10:dd"}
+
+
+def test_a_record_the_cloud_would_refuse_is_refused_with_the_reason(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    big = MAX_RECORD_PAYLOAD_BYTES + 1
+    with pytest.raises(RecordTooLarge) as refused:
+        box.append([NewRecord("verdict", "plant/v", 1, b"x" * big)])
+    assert (refused.value.size, refused.value.limit) == (big, MAX_RECORD_PAYLOAD_BYTES)
+    assert f"{big} bytes exceeds the record limit of {MAX_RECORD_PAYLOAD_BYTES} bytes" in str(
+        refused.value
+    )
+    with pytest.raises(RecordRefused, match="kind 'alarm'"):
+        box.append([NewRecord("alarm", "plant/a", 1, b"{}")])
+    with pytest.raises(RecordRefused, match=f"exceeds {MAX_TOPIC_CHARS}"):
+        box.append([NewRecord("event", "t" * (MAX_TOPIC_CHARS + 1), 1, b"{}")])
+    # One refused record refuses its whole batch: nothing of it is stored.
+    with pytest.raises(RecordTooLarge):
+        box.commit_batch([tele(1), NewRecord("telemetry", "plant/t", 2, b"x" * big)])
+    assert box.stats().rows == 0
+    # At the limit exactly, it is stored.
+    assert box.append([NewRecord("verdict", "plant/v", 1, b"x" * MAX_RECORD_PAYLOAD_BYTES)]) == [1]

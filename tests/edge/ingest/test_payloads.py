@@ -8,7 +8,8 @@ import json
 import pytest
 from PIL import Image
 
-from fieldline.edge.ingest.payloads import MAX_JSON_BYTES, MAX_VALUES, PayloadError, classify
+from fieldline.edge.ingest.payloads import PayloadError, classify
+from fieldline.shared.limits import MAX_JSON_PAYLOAD_BYTES, MAX_READING_VALUES
 
 LIMIT = 4 * 1024 * 1024
 
@@ -62,7 +63,7 @@ def test_png_crc_damage_and_pixel_bound() -> None:
         (b"{not json", "not JSON"),
         (b"\xff\xfe\x00", "not JSON"),
         (b"x" * (LIMIT + 1), "exceeds"),
-        (b" " * (MAX_JSON_BYTES + 1), "exceeds"),
+        (b" " * (MAX_JSON_PAYLOAD_BYTES + 1), "exceeds"),
         (b'"a string"', "must be an object"),
         (b"42", "must be an object"),
         (b'{"ts": "yesterday", "value": 1}', "'ts' must be"),
@@ -77,7 +78,7 @@ def test_png_crc_damage_and_pixel_bound() -> None:
         (b"[]", "empty array"),
         (b"[" * 50_000, "nested too deeply|not JSON"),
         (b'{"value": ' + b"9" * 400 + b"}", "out of range"),
-        (json.dumps([0] * (MAX_VALUES + 1)).encode(), "exceeds|values"),
+        (json.dumps([0] * (MAX_READING_VALUES + 1)).encode(), "exceeds|values"),
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 10, "broken PNG"),
         (b"\xff\xd8\xff\xe0 truncated", "broken JPEG"),
     ],

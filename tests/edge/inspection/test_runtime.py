@@ -21,6 +21,7 @@ from fieldline.edge.inspection.model import ModelLoadError, choose_providers
 from fieldline.edge.inspection.runtime import InspectionRejected, InspectionRuntime, Verdict
 from fieldline.shared.config import InspectionSettings
 from fieldline.shared.policy import InspectionRule, Policy
+from tests.support.polling import wait_until
 
 RESULT_TOPIC = "line1/verdicts"
 TIMEOUT_S = 30
@@ -111,9 +112,7 @@ def test_verdicts_match_known_frames_and_reach_callbacks(
         assert runtime.on_inspect(f"line1/camera/{seq % 3}", frame, seq) == 1
     assert runtime.on_inspect("line2/camera/1", frames[0], 99) == 0  # no rule matches
 
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(sink.published) < len(frames) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: len(sink.published) >= len(frames), TIMEOUT_S, "a verdict per frame")
     assert len(sink.published) == len(sink.stored) == len(frames)
     verdicts = sorted((Verdict.from_json(p) for t, p in sink.published), key=lambda v: v.record_seq)
     assert {t for t, _ in sink.published} == {RESULT_TOPIC}
@@ -127,9 +126,9 @@ def test_verdicts_match_known_frames_and_reach_callbacks(
         assert v.topic.startswith("line1/camera/")
     assert sorted(sink.stored, key=lambda v: v.record_seq) == verdicts
     health = runtime.health()["defects"]
-    assert health["loaded"] and health["requests"] == 40 and health["errors"] == 0
-    assert health["providers"] == ["CPUExecutionProvider"]
-    assert health["p95_latency_ms"] > 0
+    assert health.loaded and health.requests == 40 and health.errors == 0
+    assert health.providers == ["CPUExecutionProvider"]
+    assert health.p95_latency_ms > 0
 
 
 def _batch_stats(runtime: InspectionRuntime) -> tuple[float, float]:
@@ -174,7 +173,7 @@ def test_concurrent_requests_are_micro_batched(
         assert calls == 64
     else:
         assert calls < 64 / 2  # batches of several requests, not one call each
-    assert runtime.health()["defects"]["inferences"] == calls
+    assert runtime.health()["defects"].inferences == calls
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -236,8 +235,8 @@ def test_malformed_payloads_are_counted_not_raised(
     assert all(not v.defect for v in verdicts[: len(garbled)])
     assert verdicts[-1].rule == "arrays"
     health = runtime.health()["defects"]
-    assert health["errors"] == len(garbled) + len(arrays)
-    assert health["requests"] == len(garbled) + len(arrays) + len(valid)
+    assert health.errors == len(garbled) + len(arrays)
+    assert health.requests == len(garbled) + len(arrays) + len(valid)
     assert len(sink.rejected) == len(garbled) + len(arrays)
 
 
@@ -278,8 +277,8 @@ def test_swap_model_under_load_drops_nothing(
     seen = {v.model_version for v in verdicts}
     assert {"fp32", "int8-b"} <= seen
     assert verdicts[-1].model_version == "int8-b"
-    assert runtime.health()["defects"]["version"] == "int8-b"
-    assert runtime.health()["defects"]["errors"] == 0
+    assert runtime.health()["defects"].version == "int8-b"
+    assert runtime.health()["defects"].errors == 0
 
 
 def test_failed_swap_keeps_serving_the_old_version(
@@ -293,7 +292,7 @@ def test_failed_swap_keeps_serving_the_old_version(
         runtime.swap_model("defects", "2", broken)
     runtime.apply_policy(Policy(inspections=[rule(demo)]), {"defects": ("2", broken)})
     health = runtime.health()["defects"]
-    assert health["loaded"] and health["version"] == "1" and "cannot load" in health["error"]
+    assert health.loaded and health.version == "1" and "cannot load" in health.error
     frame = make_frame(True, np.random.default_rng(0))
     assert runtime.submit("frames", frame).result(timeout=TIMEOUT_S).model_version == "1"
 
@@ -306,7 +305,7 @@ def test_apply_policy_loads_unloads_and_reports_missing_models(
     )
     runtime.apply_policy(two, {"defects": ("1", demo.trained.onnx_path)})
     health = runtime.health()
-    assert health["defects"]["loaded"] and not health["absent"]["loaded"]
+    assert health["defects"].loaded and not health["absent"].loaded
     with pytest.raises(InspectionRejected) as err:
         runtime.submit("other", b"x").result(timeout=TIMEOUT_S)
     assert err.value.reason == "no_model"
@@ -390,11 +389,11 @@ def test_a_flood_of_garbage_mixed_with_frames_loses_no_valid_frame(
         else:
             runtime.on_inspect("line1/camera/b", garbage[seq % len(garbage)], seq)
             n_bad += 1
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(sink.stored) + len(sink.rejected) < 3000 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(
+        lambda: len(sink.stored) + len(sink.rejected) >= 3000, TIMEOUT_S, "an answer per request"
+    )
     assert len(sink.stored) == len(sink.published) == n_valid
     assert len(sink.rejected) == n_bad
     assert {v.record_seq for v in sink.stored} == set(range(0, 3000, 3))
     health = runtime.health()["defects"]
-    assert (health["requests"], health["errors"]) == (3000, n_bad)
+    assert (health.requests, health.errors) == (3000, n_bad)
