@@ -154,8 +154,8 @@ class EdgeAgent:
         await gateway.start()
         self._cleanup.append(gateway.stop)
         dataplane.on_verdict = llm.explainer.on_verdict
-        self.health_sources["llm"] = lambda: llm.health().model_dump(mode="json")
-        self.health_sources["gateway"] = lambda: gateway.health().model_dump(mode="json")
+        self.health_sources["llm"] = llm.health
+        self.health_sources["gateway"] = gateway.health
         self.model_sources.append(dataplane.model_health)
         self.model_sources.append(llm.llm.model_health)
         self.rollback_guard = LocalRollbackGuard(store)

@@ -19,12 +19,18 @@ from fieldline.shared.clock import utcnow
 HEALTH_WINDOW_S = 60.0
 
 
-def p95(values: Sequence[float]) -> float | None:
-    """The 95th percentile by the nearest-rank method (a value that occurred); None if empty."""
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-quantile (0 < q <= 1) by the nearest-rank method, a value that occurred; None if
+    empty. Every percentile the edge reports (gates, Prometheus summaries, the SLO) is this one."""
     if not values:
         return None
     ordered = sorted(values)
-    return float(ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)])
+    return float(ordered[max(0, math.ceil(q * len(ordered)) - 1)])
+
+
+def p95(values: Sequence[float]) -> float | None:
+    """The 95th percentile (nearest rank) of `values`; None if empty."""
+    return percentile(values, 0.95)
 
 
 class ModelHealth(BaseModel):

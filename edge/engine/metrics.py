@@ -5,11 +5,11 @@ Nothing here registers Prometheus metrics: the gateway reads snapshots and expor
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass
 
 from fieldline.edge.engine.scheduler import SchedulerStats
+from fieldline.shared.health import percentile
 
 LATENCY_WINDOW = 1024  # samples kept per latency series for percentiles
 
@@ -67,8 +67,8 @@ class LatencySeries:
         return LatencySummary(
             count=self.count,
             total=self.total,
-            p50=_percentile(ordered, 0.50),
-            p95=_percentile(ordered, 0.95),
+            p50=percentile(ordered, 0.50) or 0.0,
+            p95=percentile(ordered, 0.95) or 0.0,
             max=ordered[-1] if ordered else 0.0,
             recent=tuple(self.window),
         )
@@ -99,9 +99,3 @@ class EngineMetrics:
             itl=self.itl.summary(),
             request_latency=self.request_latency.summary(),
         )
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return 0.0
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]

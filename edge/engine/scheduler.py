@@ -9,7 +9,6 @@ p95 inter-token latency under a target: multiplicative decrease, additive increa
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from fieldline.edge.engine.block_manager import BlockManager, BlockStats
 from fieldline.edge.engine.config import EngineConfig
 from fieldline.edge.engine.sequence import Sequence, SequenceStatus
+from fieldline.shared.health import p95
 
 SLO_WINDOW = 32  # inter-token latency samples (step durations) kept
 SLO_MIN_SAMPLES = 8  # samples needed before the budget moves
@@ -250,10 +250,7 @@ class Scheduler:
             self.token_budget = min(self.config.max_num_batched_tokens, self.token_budget + step)
 
     def itl_p95_ms(self) -> float:
-        if not self._itl_ms:
-            return 0.0
-        ordered = sorted(self._itl_ms)
-        return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+        return p95(self._itl_ms) or 0.0
 
     # -- stats -----------------------------------------------------------------------------
 
