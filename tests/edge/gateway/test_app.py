@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fieldline.edge.engine.sequence import SamplingParams
 from fieldline.edge.llm.chat_template import ChatMessage
 from fieldline.shared.config import GatewaySettings, LLMSettings
 from fieldline.shared.policy import Policy
+from tests.support.polling import holds_within
 from tests.support.tiny_llm import ThreadedGateway, write_tiny_llama
 
 MODEL = "assistant"
@@ -304,14 +304,14 @@ def test_client_disconnect_mid_stream_frees_its_kv_blocks(gateway: ThreadedGatew
         assert metric(url, "fieldline_engine_running") == 1
         assert metric(url, "fieldline_engine_kv_usage_ratio") > usage_before
     # the connection is closed: the engine aborts the request at its next step
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if (
+    holds_within(
+        lambda: (
             metric(url, "fieldline_engine_running") == 0
             and metric(url, "fieldline_engine_kv_usage_ratio") == usage_before
-        ):
-            break
-        time.sleep(0.05)
+        ),
+        20,
+        poll_s=0.05,
+    )
     assert metric(url, "fieldline_engine_running") == 0
     assert metric(url, "fieldline_engine_kv_usage_ratio") == usage_before
     assert metric(url, "fieldline_engine_generated_tokens_total") - tokens_before < 900
@@ -324,9 +324,7 @@ def test_a_plain_request_whose_client_leaves_is_aborted(gateway: ThreadedGateway
     tokens_before = metric(url, "fieldline_engine_generated_tokens_total")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", json=body, timeout=0.3)
-    deadline = time.monotonic() + 20
-    while metric(url, "fieldline_engine_running") != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    holds_within(lambda: metric(url, "fieldline_engine_running") == 0, 20, poll_s=0.05)
     assert metric(url, "fieldline_engine_running") == 0
     assert metric(url, "fieldline_engine_generated_tokens_total") - tokens_before < 900
 
@@ -433,9 +431,8 @@ def test_a_new_version_drains_streams_in_flight_and_invalidates_the_cache(
         assert long_chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert {c["system_fingerprint"] for c in long_chunks} == {f"{MODEL}@1"}
         assert g.services is not None
-        deadline = time.monotonic() + 10
-        while g.services.llm.health().retiring and time.monotonic() < deadline:
-            time.sleep(0.05)
+        services = g.services
+        holds_within(lambda: services.llm.health().retiring == 0, 10, poll_s=0.05)
         assert g.services.llm.health().retiring == 0
     finally:
         g.stop()

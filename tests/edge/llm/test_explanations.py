@@ -19,6 +19,7 @@ from fieldline.edge.inspection.runtime import InspectionRuntime, Verdict
 from fieldline.edge.llm.services import LLMChoice, LlmServices
 from fieldline.shared.config import GatewaySettings, InspectionSettings, LLMSettings
 from fieldline.shared.policy import Policy
+from tests.support.polling import wait_until
 from tests.support.tiny_llm import ThreadedGateway, write_tiny_llama
 
 RESULTS = "line1/verdicts"
@@ -110,13 +111,6 @@ def node(trained: TrainedClassifier, llm_dir: Path) -> Iterator[Node]:
     n.stop()
 
 
-def wait_for(predicate, timeout_s: float = 60) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_defect_verdicts_get_explanations_after_the_verdict(node: Node) -> None:
     rng = np.random.default_rng(0)
     url = node.gw.url
@@ -132,7 +126,12 @@ def test_defect_verdicts_get_explanations_after_the_verdict(node: Node) -> None:
     defects = [a for a in answers if a[2]["defect"]]
     assert len(defects) == 3 and all(a[2]["rule"] == "parts" for a in answers)
     topic = f"{RESULTS}/explanations"
-    wait_for(lambda: len(node.of(topic)) == 3 and len(node.of("explanation-stored")) == 3)
+    wait_until(
+        lambda: len(node.of(topic)) == 3 and len(node.of("explanation-stored")) == 3,
+        60,
+        "three explanations published and stored",
+        poll_s=0.05,
+    )
     stored = {v.ts_ms: t for t, v in node.of("verdict-stored")}  # type: ignore[attr-defined]
     for t, e in node.of(topic):
         assert e["llm"] == "assistant@1" and e["label"] == "defect"  # type: ignore[index]
