@@ -91,8 +91,29 @@ class AdminClient:
             body["ttl_s"] = ttl_s
         return self._request("POST", "/v1/tokens", json=body)  # type: ignore[no-any-return]
 
-    def create_key(self, role: str, name: str = "") -> dict[str, Any]:
-        return self._request("POST", "/v1/keys", json={"role": role, "name": name})  # type: ignore[no-any-return]
+    def list_tokens(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/tokens")  # type: ignore[no-any-return]
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/v1/tokens/{quote(token_id, safe='')}")  # type: ignore[no-any-return]
+
+    def create_key(
+        self, role: str, name: str = "", expires_in_s: int | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"role": role, "name": name, "expires_in_s": expires_in_s}
+        return self._request("POST", "/v1/keys", json=body)  # type: ignore[no-any-return]
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/keys")  # type: ignore[no-any-return]
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/v1/keys/{quote(key_id, safe='')}")  # type: ignore[no-any-return]
+
+    def audit(self, *, key_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if key_id:
+            params["key_id"] = key_id
+        return self._request("GET", "/v1/audit", params=params)  # type: ignore[no-any-return]
 
     # nodes
     def list_nodes(self) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import typer
 from fieldline.cli.commands import (
     artifact,
     assign,
+    audit,
     cloud,
     edge,
     engine,
@@ -37,6 +38,7 @@ app.add_typer(policy.policy_app, name="policy")
 app.command("assign")(assign.assign)
 app.add_typer(engine.engine_app, name="engine")
 app.command("records")(records.records)
+app.command("audit")(audit.audit)
 app.add_typer(rollout.rollout_app, name="rollout")
 
 

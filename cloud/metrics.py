@@ -30,6 +30,9 @@ class CloudMetrics:
             "Artifact bytes sent to edges by FetchArtifact.",
             registry=r,
         )
+        self.audit_failures = Counter(
+            "fieldline_cloud_audit_failures", "Audit entries that could not be written.", registry=r
+        )
         self.desired_pushes = Counter(
             "fieldline_cloud_desired_pushes",
             "Desired states pushed to connected edges.",

@@ -116,6 +116,7 @@ class CloudServer:
             ),
             ca=tls.ca if tls else None,
             node_cert_days=s.node_cert_days,
+            audit_keep=s.audit_max_rows,
         )
         tunnel = TunnelService(
             ctx.db,

@@ -117,6 +117,9 @@ class CloudSettings(FieldlineSettings):
     http_header_timeout_s: float = Field(default=10.0, gt=0)
     http_body_idle_timeout_s: float = Field(default=60.0, gt=0)
     http_max_connections: int = Field(default=1000, ge=1)
+    # A request body on /v1/* (the streamed artifact upload has max_artifact_bytes instead).
+    http_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    audit_max_rows: int = Field(default=100_000, ge=10)  # the audit trail's retention bound
     grpc_max_message_bytes: int = Field(default=MAX_TUNNEL_MESSAGE_BYTES, ge=64 * 1024)
     grpc_max_concurrent_rpcs: int = Field(default=10_000, ge=1)
     enroll_rate_per_s: float = Field(default=1.0, gt=0)  # per client address

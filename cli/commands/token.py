@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from fieldline.cli.commands.common import DEFAULT_URL, JsonOpt, KeyOpt, UrlOpt, admin, labels
-from fieldline.cli.output import print_json
+from fieldline.cli.output import print_json, print_table
 
 token_app = typer.Typer(no_args_is_help=True, help="Enrollment tokens.")
 
@@ -29,3 +29,39 @@ def token_create(
         print_json(tok)
     else:
         print(tok["token"])  # plain: rich would wrap a long token at the terminal width
+
+
+TOKEN_COLUMNS = [
+    ("id", "id"),
+    ("state", "state"),
+    ("labels", "labels"),
+    ("expires_at", "expires"),
+    ("node_id", "node"),
+]
+
+
+@token_app.command("list")
+def token_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """List enrollment tokens (never their secrets): active, used, expired, revoked."""
+    with admin(url, key) as c:
+        tokens = c.list_tokens()
+    if as_json:
+        print_json(tokens)
+    else:
+        print_table(tokens, TOKEN_COLUMNS, title="enrollment tokens")
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (from `fieldline token list`).")],
+    url: UrlOpt = DEFAULT_URL,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a token at once so it can no longer enroll a node."""
+    with admin(url, key) as c:
+        revoked = c.revoke_token(token_id)
+    if as_json:
+        print_json(revoked)
+    else:
+        print(f"revoked {revoked['id']}")

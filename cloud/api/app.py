@@ -7,9 +7,11 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 
+from fieldline.cloud.api.guard import RequestGuard
 from fieldline.cloud.api.routes import (
     artifacts,
     assignments,
+    audit,
     dashboard,
     fleet,
     health,
@@ -36,6 +38,7 @@ def create_app(ctx: CloudContext) -> FastAPI:
         health,
         keys,
         tokens,
+        audit,
         nodes,
         quantize,
         artifacts,
@@ -61,4 +64,5 @@ def create_app(ctx: CloudContext) -> FastAPI:
         )
         return response
 
+    app.add_middleware(RequestGuard, ctx=ctx)  # added last: runs first
     return app

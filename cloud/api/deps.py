@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from fieldline.cloud.api.guard import SCOPE_KEY
 from fieldline.cloud.context import CloudContext
 from fieldline.cloud.store import auth as auth_store
 from fieldline.cloud.store.auth import ApiKey, Role
@@ -23,9 +24,13 @@ ContextDep = Annotated[CloudContext, Depends(get_context)]
 
 
 def current_key(
+    request: Request,
     ctx: ContextDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
+    checked: ApiKey | None = request.scope.get(SCOPE_KEY)  # RequestGuard checked it already
+    if checked is not None:
+        return checked
     if creds is None or creds.scheme.lower() != "bearer":
         raise HTTPException(
             401,

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field, field_validator
 
 from fieldline.cloud.rollouts.spec import RolloutSpec
-from fieldline.cloud.store.auth import Role
+from fieldline.cloud.store.auth import Role, TokenState
 from fieldline.shared.health import NodeHealth
 from fieldline.shared.policy import Policy
 from fieldline.shared.schemas import ArtifactStatus, NodeInfo, coerce_labels
@@ -17,6 +17,8 @@ from fieldline.shared.schemas import ArtifactStatus, NodeInfo, coerce_labels
 class KeyCreate(BaseModel):
     role: Role
     name: str = Field(default="", max_length=128)
+    # Seconds until the key stops working; None: until revoked.
+    expires_in_s: int | None = Field(default=None, ge=1, le=10 * 365 * 24 * 3600)
 
 
 class KeyCreated(BaseModel):
@@ -24,6 +26,19 @@ class KeyCreated(BaseModel):
     name: str
     role: Role
     key: str
+    expires_at: datetime | None = None
+
+
+class KeyPublic(BaseModel):
+    """A key as listed: never its secret."""
+
+    id: str
+    name: str
+    role: Role
+    created: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    state: str  # active | expired | revoked
 
 
 class TokenCreate(BaseModel):
@@ -38,6 +53,30 @@ class TokenCreated(BaseModel):
     token: str
     labels: dict[str, str]
     expires_at: datetime
+
+
+class TokenPublic(BaseModel):
+    """An enrollment token as listed: never its secret."""
+
+    id: str
+    labels: dict[str, str]
+    created: datetime | None
+    expires_at: datetime
+    used_at: datetime | None
+    node_id: str | None
+    revoked_at: datetime | None
+    state: TokenState
+
+
+class AuditPublic(BaseModel):
+    id: int
+    at: datetime
+    key_id: str
+    role: str
+    method: str
+    path: str
+    status: int
+    detail: str
 
 
 class LabelsUpdate(BaseModel):

@@ -126,6 +126,16 @@ CREATE TABLE IF NOT EXISTS node_pins (
     PRIMARY KEY (node_id, kind, name)
 );
 CREATE INDEX IF NOT EXISTS node_pins_rollout ON node_pins (rollout_id);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
 """
 
 # Columns added after a table first shipped: (table, column, type). Added at open when missing.
@@ -133,6 +143,9 @@ ADDED_COLUMNS = [
     ("nodes", "health_at", "TEXT"),
     ("nodes", "cert_sha256", "TEXT"),  # the client certificate issued at enrollment (TLS)
     ("nodes", "revoked_at", "TEXT"),
+    ("api_keys", "expires_at", "TEXT"),  # None: never expires
+    ("api_keys", "revoked_at", "TEXT"),
+    ("enrollment_tokens", "revoked_at", "TEXT"),
 ]
 
 

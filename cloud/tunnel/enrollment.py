@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from fieldline.cloud.metrics import CloudMetrics
 from fieldline.cloud.pki import CertificateAuthority, PkiError
+from fieldline.cloud.store import audit as audit_store
 from fieldline.cloud.store import auth as auth_store
 from fieldline.cloud.store import nodes as node_store
 from fieldline.cloud.store.db import Database
@@ -46,6 +47,7 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
         limiter: RateLimiter | None = None,
         ca: CertificateAuthority | None = None,
         node_cert_days: int = 3650,
+        audit_keep: int = 100_000,
     ):
         self.db = db
         self.public_key = public_key
@@ -53,8 +55,26 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
         self.limiter = limiter
         self.ca = ca
         self.node_cert_days = node_cert_days
+        self.audit_keep = audit_keep
         self._limited_since_log = 0
         self._last_limit_log = 0.0
+
+    def _audit(self, who: str, status: int, detail: str) -> None:
+        """Enrollments, granted or refused, go to the admin audit trail (role "node")."""
+        try:
+            audit_store.record(
+                self.db,
+                key_id=who,
+                role="node",
+                method="Enroll",
+                path="/fieldline.v1.Enrollment/Enroll",
+                status=status,
+                detail=detail,
+                keep=self.audit_keep,
+            )
+        except Exception:  # the enrollment's own outcome stands; the lost row is logged
+            log.exception("audit record failed", who=who)
+            self.metrics.audit_failures.inc()
 
     def _rate_limited(self, peer: str) -> bool:
         if self.limiter is None or self.limiter.allow(peer):
@@ -123,6 +143,7 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
         except auth_store.TokenRefused as exc:
             self.metrics.enrollments.labels("refused").inc()
             log.warning("enrollment refused", reason=str(exc), peer=peer)
+            self._audit(exc.token_id or "unknown token", 403, f"{exc} (peer {peer})")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         secret = new_secret()
         node_store.create_node(
@@ -134,6 +155,7 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
             cert_sha256=cert_sha,
         )
         self.metrics.enrollments.labels("ok").inc()
+        self._audit(node_id, 200, f"enrolled (peer {peer})")
         log.info(
             "node enrolled", node=node_id, labels=labels, hostname=info.hostname, tls=bool(cert_pem)
         )
