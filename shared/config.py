@@ -6,11 +6,12 @@ Precedence, highest first: values given in code (CLI flags), FIELDLINE_* environ
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fieldline.shared.limits import MAX_RECORD_PAYLOAD_BYTES, MAX_TUNNEL_MESSAGE_BYTES
@@ -205,6 +206,27 @@ class GatewaySettings(BaseModel):
     hot_top_n: int = Field(default=16, ge=0, le=1024)
     default_max_tokens: int = Field(default=256, ge=1)  # chat requests without max_tokens
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _key_off_loopback(self) -> GatewaySettings:
+        # Off loopback without a key, anyone on the plant network could publish verdicts.
+        if self.enabled and not self.api_key and not is_loopback(self.host):
+            raise ValueError(
+                f"gateway.host {self.host} is reachable from the network, so gateway.api_key "
+                "must be set (YAML gateway.api_key, or FIELDLINE_GATEWAY__API_KEY), or bind "
+                "gateway.host to 127.0.0.1"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """A host only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 class RetentionLimits(BaseModel):

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fieldline.edge.gateway.deps import GatewayState, StateDep, require_key
+from fieldline.edge.gateway.deps import GatewayState, StateDep, bearer_matches, require_key
 from fieldline.edge.gateway.openai import router as openai_router
 from fieldline.edge.gateway.schemas import HealthResponse
 from fieldline.edge.inspection.runtime import InspectionRejected
@@ -62,19 +62,28 @@ def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-class BodyLimit:
-    """Refuse request bodies over `limit` bytes (413), declared or streamed, before a route
-    reads them into memory."""
+class RequestGuard:
+    """Before a route reads a byte: with gateway.api_key set, /v1/* needs the bearer key (401,
+    compared as bytes, so a header that is not ASCII is simply wrong); bodies over `limit`
+    bytes are refused (413), declared or streamed."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, api_key: str | None) -> None:
         self.app = app
         self.limit = limit
+        self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", ()):
+        headers = scope.get("headers", ())
+        if self.api_key and scope.get("path", "").startswith("/v1/"):
+            given = dict(headers).get(b"authorization", b"")
+            if not bearer_matches(given, self.api_key):
+                message = "missing or wrong API key: send Authorization: Bearer <key>"
+                await _error(401, message)(scope, receive, send)
+                return
+        for name, value in headers:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await _error(413, f"request body exceeds {self.limit} bytes")(scope, receive, send)
                 return
@@ -95,7 +104,9 @@ class BodyLimit:
 def create_app(state: GatewayState) -> FastAPI:
     app = FastAPI(title="fieldline edge gateway", docs_url=None, redoc_url=None)
     app.state.gateway = state
-    app.add_middleware(BodyLimit, limit=state.settings.max_body_bytes)
+    app.add_middleware(
+        RequestGuard, limit=state.settings.max_body_bytes, api_key=state.settings.api_key
+    )
     app.include_router(openai_router, dependencies=[Depends(require_key)])
 
     @app.exception_handler(StarletteHTTPException)

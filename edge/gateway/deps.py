@@ -56,7 +56,12 @@ def require_key(request: Request, state: StateDep) -> None:
     key = state.settings.api_key
     if not key:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), key):
+    if not bearer_matches(request.headers.get("authorization", "").encode("latin-1"), key):
         raise HTTPException(401, "missing or wrong API key: send Authorization: Bearer <key>")
+
+
+def bearer_matches(header: bytes, key: str) -> bool:
+    """Whether an Authorization header carries `key`, compared as bytes in constant time
+    (str compare_digest raises on non-ASCII text: a 500 instead of a 401)."""
+    scheme, _, given = header.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), key.encode())
