@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fieldline.shared.clock import utcnow
+from fieldline.shared.private_file import private_file
 
 DB_FILE = "cloud.db"
 MANIFEST = "fieldline-backup.json"
@@ -57,9 +58,8 @@ def backup(
         raise BackupError(f"{data_dir} holds no cloud store ({DB_FILE} is missing)")
     files = 0
     total = 0
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with (
-        os.fdopen(fd, "wb") as raw,
+        private_file(out) as raw,
         tarfile.open(fileobj=raw, mode="w:gz") as tar,
         tempfile.TemporaryDirectory() as tmp,
     ):

@@ -17,6 +17,7 @@ from fieldline.cloud.store.db import Database
 from fieldline.cloud.tunnel.records import RecordIngestor
 from fieldline.cloud.tunnel.sessions import SessionRegistry
 from fieldline.shared.config import CloudSettings
+from fieldline.shared.private_file import write_private
 from fieldline.shared.signing import load_or_create_key, public_key_bytes
 
 ADMIN_KEY_FILE = "admin.key"
@@ -81,9 +82,7 @@ def open_context(settings: CloudSettings) -> CloudContext:
             return ctx  # the operator holds it already; nothing to print or write
         _, secret = auth_store.create_api_key(db, name="admin", role=auth_store.Role.admin)
         key_file = data / ADMIN_KEY_FILE
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secret + "\n")
+        write_private(key_file, (secret + "\n").encode())
         ctx.new_admin_key = secret
     return ctx
 

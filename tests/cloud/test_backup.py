@@ -12,6 +12,8 @@ import pytest
 
 from fieldline.cli.harness.processes import fieldline_cmd
 from fieldline.cloud.backup import BackupError, restore
+from fieldline.cloud.context import open_context
+from fieldline.shared.config import CloudSettings
 from tests.e2e.conftest import Fleet, wait_until
 
 
@@ -66,3 +68,19 @@ def test_restore_refuses_a_used_directory_and_foreign_archives(tmp_path: Path) -
         tar.add(tmp_path / "evil", arcname="../evil")
     with pytest.raises(BackupError, match="not a fieldline cloud backup"):
         restore(bad, tmp_path / "new")
+
+
+def test_backup_over_an_existing_world_readable_file_ends_0600(tmp_path: Path) -> None:
+    data = tmp_path / "cloud"
+    open_context(CloudSettings(data_dir=data)).close()
+    archive = tmp_path / "cloud.tar.gz"
+    archive.write_bytes(b"an older backup")
+    archive.chmod(0o644)
+    out = _cli("cloud", "backup", str(archive), "--data", str(data))
+    assert out.returncode == 0, out.stderr
+    assert archive.stat().st_mode & 0o777 == 0o600
+    with tarfile.open(archive) as tar:
+        assert {"signing.key", "admin.key"} <= set(tar.getnames())
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    for secret in ("signing.key", "admin.key"):
+        assert (data / secret).stat().st_mode & 0o777 == 0o600
