@@ -4,6 +4,8 @@ trail that shows it, all through the real HTTP API and the real `fieldline` CLI.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import socket
@@ -18,6 +20,8 @@ import httpx
 import pytest
 
 from fieldline.cli.harness.processes import ProcessStack, fieldline_cmd, start_cloud
+from fieldline.shared.proto import tunnel_pb2 as pb
+from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
 from tests.cloud.node_client import enroll
 from tests.support.polling import wait_until
 
@@ -203,3 +207,46 @@ def test_expired_and_revoked_tokens_cannot_enroll_and_are_audited(cloud: Cloud) 
     enrolls = {a["key_id"]: a for a in audit if a["method"] == "Enroll"}
     assert enrolls[short["id"]]["status"] == 403 and "expired" in enrolls[short["id"]]["detail"]
     assert "revoked" in enrolls[revoked["id"]]["detail"]
+
+
+def _send_records(target: str, node: pb.EnrollResponse, records: list[pb.Record]) -> int:
+    """Send one record batch over a real tunnel; returns the cloud's acked high-water mark."""
+
+    async def go() -> int:
+        async def messages():  # type: ignore[no-untyped-def]
+            yield pb.EdgeMessage(hello=pb.Hello(node_info_json='{"hostname": "press-7"}'))
+            yield pb.EdgeMessage(records=pb.RecordBatch(records=records))
+            await asyncio.sleep(15)
+
+        bearer = f"Bearer {node.node_id}.{node.node_secret}"
+        async with grpc.aio.insecure_channel(target) as ch:
+            call = pb_grpc.TunnelStub(ch).Connect(messages(), metadata=(("authorization", bearer),))
+            async with asyncio.timeout(15):
+                async for msg in call:
+                    if msg.WhichOneof("body") == "records_ack":
+                        call.cancel()
+                        return int(msg.records_ack.high_water_seq)
+        raise AssertionError("no records ack")
+
+    return asyncio.run(go())
+
+
+def test_deeply_nested_record_does_not_break_the_fleet_wide_listing(cloud: Cloud) -> None:
+    token = json.loads(cloud.fieldline("token", "create", "--json").stdout)["token"]
+    node = enroll(cloud.grpc, token)
+    now = int(time.time() * 1000)
+    deep = b"[" * 100_000 + b"]" * 100_000  # RecursionError in json.loads
+    nested = b"[" * 200 + b"]" * 200  # parses, but deeper than a response should carry
+    records = [
+        pb.Record(seq=i, kind="telemetry", topic="t/deep", ts_ms=now, payload=p)
+        for i, p in enumerate([deep, nested, b'{"ok": [1, 2]}'], start=1)
+    ]
+    assert _send_records(cloud.grpc, node, records) == 3
+    r = cloud.call("GET", "/v1/records", cloud.key, params={"node": node.node_id})
+    assert r.status_code == 200, r.text[:300]
+    got = {rec["seq"]: rec for rec in r.json()["records"]}
+    assert got[1]["payload_encoding"] == got[2]["payload_encoding"] == "base64"
+    assert base64.b64decode(got[1]["payload"]) == deep
+    assert got[3]["payload"] == {"ok": [1, 2]}
+    out = cloud.fieldline("records", "--node", node.node_id, "--json")
+    assert out.returncode == 0, out.stderr

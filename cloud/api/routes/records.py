@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterable
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
@@ -17,6 +18,9 @@ router = APIRouter(prefix="/v1/records", tags=["records"])
 MAX_LIMIT = 1000
 MAX_INT64 = 2**63 - 1  # SQLite's INTEGER range; larger numbers are refused with 422
 KIND_PATTERN = f"^({'|'.join(sorted(RECORD_KINDS))})$"
+# JSON nested deeper than this is returned as base64: parsing or serializing it recursively
+# would raise RecursionError (a 500 for the whole fleet-wide page) or cost the stack.
+MAX_JSON_DEPTH = 64
 
 
 def _cursor(text: str | None) -> tuple[str, int] | None:
@@ -28,12 +32,32 @@ def _cursor(text: str | None) -> tuple[str, int] | None:
     return node, int(seq)
 
 
+def _json_or_none(raw: bytes) -> object | None:
+    """The payload parsed, or None when it is not JSON or nests deeper than MAX_JSON_DEPTH."""
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return value  # cannot nest deeper than it has brackets
+    stack: list[tuple[object, int]] = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:  # iterative: the depth check itself must not recurse
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return None
+        children: Iterable[object] = node.values() if isinstance(node, dict) else node  # type: ignore[assignment]
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return value
+
+
 def _public(r: record_store.RecordRow) -> RecordPublic:
     """The API's record, built from the store's row (the only place one becomes the other)."""
-    try:
-        payload, enc = json.loads(r.payload), "json"
-    except (UnicodeDecodeError, ValueError):
-        payload, enc = base64.b64encode(r.payload).decode(), "base64"
+    parsed = _json_or_none(r.payload)
+    payload, enc = (
+        (parsed, "json")
+        if parsed is not None or r.payload.strip() == b"null"
+        else (base64.b64encode(r.payload).decode(), "base64")
+    )
     return RecordPublic(
         node_id=r.node_id,
         seq=r.seq,
