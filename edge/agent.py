@@ -113,6 +113,7 @@ class EdgeAgent:
             raise AgentError("no cloud address: pass --cloud HOST:PORT")
 
         installer = ArtifactInstaller(store, credential.cloud_public_key)
+        await installer.recover()  # before anything reads the store's artifact states
         self.tunnel = tunnel = TunnelClient(
             s,
             cloud,

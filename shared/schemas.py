@@ -19,6 +19,21 @@ from fieldline.shared.clock import utcnow
 from fieldline.shared.health import LocalRollback, ModelHealth, NodeHealth
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Names the edge's artifact layout uses itself (edge/control/installer.py, edge/llm/runtime.py):
+# a version called "active" would be installed through the active link, one called
+# "checkpoint" over an unpacked LLM. NAME_RE already refuses a leading "." (.partial, .tmp).
+RESERVED_NAMES = frozenset({"active", "checkpoint"})
+
+
+def name_problem(value: str) -> str | None:
+    """Why `value` cannot name an artifact or a version, or None when it can."""
+    if not NAME_RE.match(value):
+        return "use letters, digits, '.', '_', '-' (max 128), starting with a letter or digit"
+    if value.lower() in RESERVED_NAMES:
+        return f"{value!r} is reserved by the edge's artifact layout"
+    return None
+
+
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9._-]{0,63}$")
@@ -127,10 +142,9 @@ class ArtifactManifest(BaseModel):
     @field_validator("name", "version")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(
-                f"{v!r} is not a valid name or version: letters, digits, '.', '_', '-' (max 128)"
-            )
+        problem = name_problem(v)
+        if problem is not None:
+            raise ValueError(f"{v!r} is not a valid name or version: {problem}")
         return v
 
     @field_validator("sha256")

@@ -4,6 +4,10 @@ Layout under DATA/artifacts:
     .partial/<sha256>.part        bytes downloaded so far (resume point after a cut or kill -9)
     <name>/<version>/<name>       an installed version (read-only)
     <name>/active -> <version>    the version in use, switched by an atomic rename
+
+Names that are part of this layout (`active`, `checkpoint`) are refused by the manifest's
+schema; a name or version directory that is a symlink is refused here. What a kill leaves
+between a step on disk and its store update is mended at start by `recover()`: the disk wins.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -25,6 +30,9 @@ from fieldline.shared.signing import SignatureError, verify_manifest
 log = structlog.get_logger(__name__)
 
 HASH_BLOCK = 1024 * 1024
+# Fault tests set this to a crash point's name: the edge SIGKILLs itself there (a kill -9 at
+# exactly that moment, which no timing from outside can hit reliably).
+CRASH_AT_ENV = "FIELDLINE_TEST_CRASH_AT"
 
 # (sha256, offset) -> chunks of bytes from that offset
 Fetcher = Callable[[str, int], AsyncIterator[bytes]]
@@ -40,6 +48,13 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def crash_point(name: str) -> None:
+    """Kill this process here when a fault test asked for it (CRASH_AT_ENV)."""
+    if os.environ.get(CRASH_AT_ENV) == name:
+        log.warning("crash point reached: SIGKILL", point=name)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def sha256_of(path: Path) -> str:
@@ -63,6 +78,8 @@ class ArtifactInstaller:
             return verify_manifest(self.public_key, signed)
         except SignatureError as exc:
             raise InstallError(str(exc)) from exc
+        except ValueError as exc:  # signed, but not a manifest this edge accepts (a name)
+            raise InstallError(f"manifest refused: {exc}") from exc
 
     def version_dir(self, m: ArtifactManifest) -> Path:
         return self.root / m.name / m.version
@@ -123,12 +140,13 @@ class ArtifactInstaller:
             raise InstallError(
                 f"{m.ref}: sha256 mismatch (got {digest[:12]}…, manifest {m.sha256[:12]}…); refused"
             )
-        target_dir = self.version_dir(m)
+        target_dir = self._checked_dir(m)
         target_dir.mkdir(parents=True, exist_ok=True)
         target = self.installed_path(m)
         os.chmod(part, 0o444)
         os.replace(part, target)
         _fsync_dir(target_dir)
+        crash_point("after-rename")
         self.store.set_artifact(
             name=m.name,
             version=m.version,
@@ -139,6 +157,50 @@ class ArtifactInstaller:
         )
         log.info("installed", artifact=m.ref, path=str(target))
         return m
+
+    def _checked_dir(self, m: ArtifactManifest) -> Path:
+        """The version directory, refused when it or its name directory is a symlink (writing
+        through one would land outside the layout, over another version's file)."""
+        for path in (self.root / m.name, self.version_dir(m)):
+            if path.is_symlink():
+                raise InstallError(f"{m.ref}: {path} is a symlink; refused")
+            if path.exists() and not path.is_dir():
+                raise InstallError(f"{m.ref}: {path} is not a directory; refused")
+        return self.version_dir(m)
+
+    async def recover(self) -> list[str]:
+        """Mend what a kill between a step on disk and its store update left, from the disk:
+        a verified file in place is installed, and the `active` link says which is active.
+        Returns what it mended (logged)."""
+        mended: list[str] = []
+        for row in self.store.artifacts():
+            path = self.root / row.name / row.version / row.name
+            if row.state != ArtifactState.downloading or not path.is_file():
+                continue
+            if await asyncio.to_thread(sha256_of, path) != row.sha256:
+                continue  # not the file the store expects: the reconciler fetches it again
+            self.store.set_artifact(
+                name=row.name,
+                version=row.version,
+                sha256=row.sha256,
+                kind=row.kind,
+                state=ArtifactState.installed,
+                path=str(path),
+            )
+            mended.append(f"{row.name}@{row.version}: installed (file in place)")
+        for row in self.store.artifacts():
+            link = self.root / row.name / "active"
+            if not link.is_symlink() or os.readlink(link) != row.version:
+                continue
+            if row.state != ArtifactState.installed or not row.path:
+                continue  # active already, or not a verified install
+            if not Path(row.path).is_file():
+                continue
+            self._record_switch(row.name, row.version, row.sha256, row.kind, row.path)
+            mended.append(f"{row.name}@{row.version}: active (the link points at it)")
+        for line in mended:
+            log.warning("recovered an interrupted install", what=line)
+        return mended
 
     def activate(self, m: ArtifactManifest) -> None:
         """Point <name>/active at this version (atomic rename), keep the previous, drop older ones."""
@@ -166,7 +228,12 @@ class ArtifactInstaller:
         os.symlink(version, tmp)
         os.replace(tmp, link)
         _fsync_dir(name_dir)
+        self._record_switch(name, version, sha256, kind, path)
+
+    def _record_switch(self, name: str, version: str, sha256: str, kind: str, path: str) -> None:
+        """The store's side of a switch the link already made."""
         replaced = self.store.set_active(name, version)
+        crash_point("after-switch")  # the link and the store's pointer moved, the row did not
         old = self.store.artifact(name, replaced) if replaced else None
         if old is not None:  # kept, installed but not active, for rollback
             self.store.set_artifact(

@@ -109,6 +109,12 @@ class Reconciler:
                 else:
                     retry = True
                 log.warning("artifact download failed", artifact=m.ref, error=msg)
+            except Exception as exc:  # one artifact's surprise must not end reconciling
+                msg = f"{m.ref}: install failed unexpectedly: {type(exc).__name__}: {exc}"
+                log.exception("artifact install failed unexpectedly", artifact=m.ref)
+                self._refused[m.sha256] = msg
+                errors.append(msg)
+                self.installer.mark_failed(signed, msg)
         if self._superseded(desired):
             return False
         for key, mark in marks.items():

@@ -250,3 +250,14 @@ def test_deeply_nested_record_does_not_break_the_fleet_wide_listing(cloud: Cloud
     assert got[3]["payload"] == {"ok": [1, 2]}
     out = cloud.fieldline("records", "--node", node.node_id, "--json")
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("version", ["active", "checkpoint"])
+def test_a_version_named_after_the_edge_layout_is_refused_at_push(
+    cloud: Cloud, tmp_path: Path, version: str
+) -> None:
+    blob = tmp_path / "model.bin"
+    blob.write_bytes(b"weights" * 100)
+    out = cloud.fieldline("artifact", "push", str(blob), "--name", "m", "--version", version)
+    assert out.returncode == 1
+    assert "422" in out.stderr and "reserved" in out.stderr

@@ -12,17 +12,16 @@ from fieldline.cloud.api.deps import ContextDep, OperatorKey, ViewerKey
 from fieldline.cloud.artifacts.blobs import BlobError
 from fieldline.cloud.artifacts.service import store_artifact
 from fieldline.cloud.store import artifacts as artifact_store
-from fieldline.shared.schemas import NAME_RE, ArtifactKind, ArtifactManifest
+from fieldline.shared.schemas import ArtifactKind, ArtifactManifest, name_problem
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 MAX_METADATA_CHARS = 64 * 1024
 
 
 def _check_name(what: str, value: str) -> None:
-    if not NAME_RE.match(value):
-        raise HTTPException(
-            422, f"{what} {value!r} is invalid: use letters, digits, '.', '_', '-' (max 128)"
-        )
+    problem = name_problem(value)
+    if problem is not None:
+        raise HTTPException(422, f"{what} {value!r} is invalid: {problem}")
 
 
 def _metadata(header: str | None) -> dict[str, Any]:
