@@ -14,7 +14,11 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from fieldline.shared.limits import MAX_RECORD_PAYLOAD_BYTES, MAX_TUNNEL_MESSAGE_BYTES
+from fieldline.shared.limits import (
+    MAX_LLM_UNPACKED_BYTES,
+    MAX_RECORD_PAYLOAD_BYTES,
+    MAX_TUNNEL_MESSAGE_BYTES,
+)
 
 
 class ConfigError(Exception):
@@ -182,6 +186,8 @@ class LLMSettings(BaseModel):
     """How the edge runs its LLM artifact in the engine (edge/llm/runtime.py)."""
 
     device: str = "auto"  # "auto": cuda when torch sees a GPU, else cpu
+    # An LLM artifact's members, summed, when unpacked (free disk caps it too).
+    max_unpacked_bytes: int = Field(default=MAX_LLM_UNPACKED_BYTES, ge=1024 * 1024)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on cuda
     # KV cache budget in bytes (never a share of GPU memory: Jetsons share it with the CPU).
     kv_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)

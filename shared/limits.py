@@ -39,3 +39,7 @@ MAX_INSPECT_ARRAY_VALUES = 4_000_000
 MAX_READING_VALUES = 100_000
 # A JSON reading's bytes (frames are bounded by MAX_RECORD_PAYLOAD_BYTES).
 MAX_JSON_PAYLOAD_BYTES = 256 * 1024
+
+# An LLM artifact's members, summed, as unpacked on the edge (and inspected at push): the
+# largest checkpoint an edge box runs, with room. Free disk caps it further at unpack time.
+MAX_LLM_UNPACKED_BYTES = 64 * 1024 * MIB

@@ -17,6 +17,8 @@ from fieldline.cloud.artifacts.quantize import quantize_onnx
 from fieldline.cloud.context import CloudContext
 from fieldline.cloud.store import artifacts as artifact_store
 from fieldline.shared.clock import utcnow
+from fieldline.shared.limits import MAX_LLM_UNPACKED_BYTES
+from fieldline.shared.llm_artifact import LLMArtifactError, inspect_tar
 from fieldline.shared.schemas import ArtifactKind, ArtifactManifest
 from fieldline.shared.signing import sign_manifest
 
@@ -53,6 +55,8 @@ async def store_artifact(
     except BlobError:
         ctx.metrics.uploads.labels("refused").inc()
         raise
+    if kind == ArtifactKind.llm:
+        await _inspect_llm(ctx, sha)
     manifest = ArtifactManifest(
         name=name,
         version=version,
@@ -71,6 +75,20 @@ async def store_artifact(
         raise
     ctx.metrics.uploads.labels("ok").inc()
     return manifest
+
+
+async def _inspect_llm(ctx: CloudContext, sha: str) -> None:
+    """Refuse (422) an LLM upload whose tar an edge would refuse to unpack: sparse, link or
+    device members, or members summing past the unpack limit. The blob goes unless in use."""
+    try:
+        await asyncio.to_thread(
+            inspect_tar, ctx.blobs.path(sha), max_total_bytes=MAX_LLM_UNPACKED_BYTES
+        )
+    except LLMArtifactError as exc:
+        ctx.metrics.uploads.labels("refused").inc()
+        if not artifact_store.sha256_in_use(ctx.db, sha256=sha):
+            ctx.blobs.delete(sha)
+        raise BlobError(f"not a safe LLM artifact: {exc}", 422) from None
 
 
 def lookup(ctx: CloudContext, ref: str) -> ArtifactManifest:

@@ -202,7 +202,11 @@ class LLMRuntime:
         """Unpack, autotune and load (blocking: runs in a worker thread)."""
         checkpoint = artifact
         if artifact.is_file():
-            checkpoint = unpack_checkpoint(artifact, artifact.parent / CHECKPOINT_DIR)
+            checkpoint = unpack_checkpoint(
+                artifact,
+                artifact.parent / CHECKPOINT_DIR,
+                max_total_bytes=self.settings.max_unpacked_bytes,
+            )
         config = EngineConfig(
             model=str(checkpoint),
             device=self._device(),

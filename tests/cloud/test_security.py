@@ -261,3 +261,18 @@ def test_a_version_named_after_the_edge_layout_is_refused_at_push(
     out = cloud.fieldline("artifact", "push", str(blob), "--name", "m", "--version", version)
     assert out.returncode == 1
     assert "422" in out.stderr and "reserved" in out.stderr
+
+
+def test_a_sparse_llm_upload_is_refused_at_push(cloud: Cloud, tmp_path: Path) -> None:
+    from tests.shared.test_llm_artifact import _gnu_sparse_tar
+
+    tar = _gnu_sparse_tar(tmp_path, 512 * 1024 * 1024)
+    r = cloud.call(
+        "POST",
+        "/v1/artifacts",
+        cloud.key,
+        params={"name": "assistant", "version": "1", "kind": "llm"},
+        content=tar.read_bytes(),
+    )
+    assert r.status_code == 422 and "sparse" in r.text, r.text
+    assert cloud.call("GET", "/v1/artifacts/assistant/1", cloud.key).status_code == 404

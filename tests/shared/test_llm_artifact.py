@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from fieldline.shared.llm_artifact import LLMArtifactError, pack_checkpoint, unpack_checkpoint
+from fieldline.shared.llm_artifact import (
+    LLMArtifactError,
+    inspect_tar,
+    pack_checkpoint,
+    unpack_checkpoint,
+)
 
 
 def checkpoint(d: Path) -> Path:
@@ -30,7 +37,7 @@ def test_same_directory_packs_to_same_bytes_and_round_trips(tmp_path: Path) -> N
     pack_checkpoint(src, tmp_path / "b.tar")
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
     out = unpack_checkpoint(tmp_path / "a.tar", tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == names
+    assert sorted(p.name for p in out.iterdir()) == [".source.json", *names]
     assert (out / "model.safetensors").read_bytes() == b"\x00" * 1000
     # unpacking again keeps the complete directory
     assert unpack_checkpoint(tmp_path / "a.tar", tmp_path / "out") == out
@@ -85,3 +92,58 @@ def test_links_and_garbage_are_refused(tmp_path: Path) -> None:
     (tmp_path / "g.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(LLMArtifactError, match="not a readable tar"):
         unpack_checkpoint(tmp_path / "g.tar", tmp_path / "out2")
+
+
+def _gnu_sparse_tar(tmp: Path, claimed: int) -> Path:
+    """A checkpoint tar (GNU tar --sparse) whose weights member claims `claimed` bytes of
+    zeros while the tar itself stays a few KiB: the reproduction of issue 13."""
+    d = tmp / "sparse-src"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    with (d / "model.safetensors").open("wb") as f:
+        f.truncate(claimed)  # a hole: no blocks on disk
+    out = tmp / "sparse.tar"
+    subprocess.run(
+        ["tar", "--sparse", "--format=gnu", "-cf", str(out), "-C", str(d), "config.json",
+         "model.safetensors"],
+        check=True,
+    )  # fmt: skip
+    return out
+
+
+def test_a_sparse_member_is_refused_before_a_byte_is_written(tmp_path: Path) -> None:
+    tar = _gnu_sparse_tar(tmp_path, 512 * 1024 * 1024)
+    assert tar.stat().st_size < 64 * 1024
+    with pytest.raises(LLMArtifactError, match="sparse"):
+        unpack_checkpoint(tar, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.unpacking").exists()
+
+
+def test_device_and_oversize_members_are_refused(tmp_path: Path) -> None:
+    fifo = tarfile.TarInfo("config.json")
+    fifo.type = tarfile.FIFOTYPE
+    with pytest.raises(LLMArtifactError, match="device or fifo"):
+        unpack_checkpoint(_tar_with(tmp_path / "f.tar", [fifo]), tmp_path / "out")
+    src = checkpoint(tmp_path / "ck")
+    pack_checkpoint(src, tmp_path / "a.tar")
+    with pytest.raises(LLMArtifactError, match="exceed 500 bytes"):
+        unpack_checkpoint(tmp_path / "a.tar", tmp_path / "out", max_total_bytes=500)
+    with pytest.raises(LLMArtifactError, match="are free"):
+        inspect_tar(tmp_path / "a.tar", max_total_bytes=10**9, free_bytes=100)
+
+
+def test_new_bytes_under_the_same_path_are_unpacked_again(tmp_path: Path) -> None:
+    """A re-pushed name@version with new bytes: the installer renames the new tar over the
+    old one; the checkpoint beside it must follow the new bytes, not stay the old one."""
+    installed = tmp_path / "v1" / "assistant"
+    installed.parent.mkdir()
+    first = checkpoint(tmp_path / "first")
+    pack_checkpoint(first, installed)
+    out = unpack_checkpoint(installed, tmp_path / "v1" / "checkpoint")
+    assert (out / "model.safetensors").read_bytes() == b"\x00" * 1000
+    second = checkpoint(tmp_path / "second")
+    (second / "model.safetensors").write_bytes(b"\x01" * 1000)
+    pack_checkpoint(second, tmp_path / "new.tar")
+    os.replace(tmp_path / "new.tar", installed)  # what the installer does
+    out = unpack_checkpoint(installed, tmp_path / "v1" / "checkpoint")
+    assert (out / "model.safetensors").read_bytes() == b"\x01" * 1000
