@@ -153,6 +153,8 @@ class InspectionSettings(BaseModel):
     intra_op_threads: int = Field(default=1, ge=1, le=64)
     # Requests waiting per model beyond this are refused (counted as "overloaded").
     max_queue: int = Field(default=10_000, ge=1)
+    # ... and payload bytes waiting per model beyond this (10,000 camera frames would be GiBs).
+    max_queue_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
 
 
 class MqttSettings(BaseModel):

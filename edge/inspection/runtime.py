@@ -22,6 +22,7 @@ from fieldline.edge.inspection.worker import (
     Request,
     Verdict,
     WorkerHooks,
+    image_size_problem,
 )
 from fieldline.shared.config import InspectionSettings
 from fieldline.shared.health import HEALTH_WINDOW_S, InspectionModelHealth, p95
@@ -303,6 +304,15 @@ class InspectionRuntime:
             worker.stats.requests += 1
         if worker.depth() >= self.settings.max_queue:
             self._fail(worker, req, InspectionRejected("overloaded", "inspection queue full"))
+            return req.future, False
+        if worker.queued_bytes() + len(payload) > self.settings.max_queue_bytes:
+            limit = self.settings.max_queue_bytes
+            detail = f"inspection queue full: {limit} payload bytes waiting"
+            self._fail(worker, req, InspectionRejected("overloaded", detail))
+            return req.future, False
+        problem = image_size_problem(payload, rule.preprocess, worker.model.sample_shape)
+        if problem is not None:  # refused from the header, before decoding into floats
+            self._fail(worker, req, InspectionRejected(*problem))
             return req.future, False
         if not worker.submit(req):
             self._fail(worker, req, InspectionRejected("stopped", "model is being unloaded"))

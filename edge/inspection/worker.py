@@ -4,7 +4,9 @@ model's current ONNX Runtime session, pre- and post-processing each request as i
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import queue
 import threading
 import time
@@ -15,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import structlog
+from PIL import Image
 
 from fieldline.edge.inspection.model import LoadedModel
 from fieldline.edge.inspection.preprocess import (
@@ -25,7 +28,8 @@ from fieldline.edge.inspection.preprocess import (
 )
 from fieldline.shared.clock import now_ms
 from fieldline.shared.health import HEALTH_WINDOW_S
-from fieldline.shared.policy import InspectionRule
+from fieldline.shared.limits import MAX_IMAGE_PIXELS
+from fieldline.shared.policy import InspectionRule, Preprocess
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +68,32 @@ class Verdict:
     @classmethod
     def from_json(cls, data: bytes | str) -> Verdict:
         return cls(**json.loads(data))
+
+
+def image_size_problem(
+    payload: bytes, pre: Preprocess, sample_shape: tuple[int | None, ...]
+) -> tuple[str, str] | None:
+    """(reason, detail) when an image payload cannot fit the rule and the model, read from its
+    header alone: a frame the model refuses is never decoded into floats (hundreds of MiB)."""
+    if pre.decoder != "image":
+        return None
+    try:
+        with Image.open(io.BytesIO(payload)) as img:
+            width, height = img.size
+    except Exception:  # not an image: the decoder refuses it with its own reason
+        return None
+    if width * height > MAX_IMAGE_PIXELS:
+        return "too_large", f"image of {width}x{height} pixels (at most {MAX_IMAGE_PIXELS})"
+    if pre.resize is not None or None in sample_shape:
+        return None  # resized to the rule's size after a bounded decode, or a dynamic input
+    channels = 1 if pre.grayscale else 3
+    if width * height * channels != math.prod(sample_shape):  # type: ignore[arg-type]
+        shown = "x".join(str(d) for d in sample_shape)
+        return "shape", (
+            f"image of {width}x{height}x{channels} does not fit model input {shown}: "
+            "set the rule's preprocess.resize"
+        )
+    return None
 
 
 @dataclass(slots=True)
@@ -121,6 +151,7 @@ class ModelWorker:
         self.max_wait_s = 0.0
         self.stats = Stats()
         self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._queued_bytes = 0  # payload bytes in _queue (under _close_lock)
         self._closed = False
         self._close_lock = threading.Lock()  # no request slips in behind the stop sentinel
         self._thread = threading.Thread(target=self._loop, name=f"inspect-{self.name}", daemon=True)
@@ -165,18 +196,30 @@ class ModelWorker:
     def depth(self) -> int:
         return self._queue.qsize()
 
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
     def submit(self, req: Request) -> bool:
         """Queue a request; False once the worker is stopping."""
         with self._close_lock:
             if self._closed:
                 return False
+            self._queued_bytes += len(req.payload)
             self._queue.put(req)
             return True
+
+    def _take(self, *, block: bool = True, timeout: float | None = None) -> Request | None:
+        """The next queued item (raises queue.Empty), its bytes no longer counted as waiting."""
+        item = self._queue.get(block, timeout)
+        if item is not None:
+            with self._close_lock:
+                self._queued_bytes -= len(item.payload)
+        return item
 
     def _loop(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
+            first = self._take()
             if first is None:
                 break
             batch = [first]
@@ -184,11 +227,7 @@ class ModelWorker:
             while len(batch) < self.max_batch:
                 remaining = deadline - time.monotonic()
                 try:
-                    item = (
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self._queue.get_nowait()
-                    )
+                    item = self._take(block=remaining > 0, timeout=max(remaining, 0) or None)
                 except queue.Empty:
                     break
                 if item is None:
