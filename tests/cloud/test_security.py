@@ -23,6 +23,7 @@ from fieldline.cli.harness.processes import ProcessStack, fieldline_cmd, start_c
 from fieldline.shared.proto import tunnel_pb2 as pb
 from fieldline.shared.proto import tunnel_pb2_grpc as pb_grpc
 from tests.cloud.node_client import enroll
+from tests.support.artifacts import gnu_sparse_tar
 from tests.support.polling import wait_until
 
 BIG = 400 * 1024 * 1024  # the body of the reproduction
@@ -264,9 +265,7 @@ def test_a_version_named_after_the_edge_layout_is_refused_at_push(
 
 
 def test_a_sparse_llm_upload_is_refused_at_push(cloud: Cloud, tmp_path: Path) -> None:
-    from tests.shared.test_llm_artifact import _gnu_sparse_tar
-
-    tar = _gnu_sparse_tar(tmp_path, 512 * 1024 * 1024)
+    tar = gnu_sparse_tar(tmp_path, 512 * 1024 * 1024)
     r = cloud.call(
         "POST",
         "/v1/artifacts",

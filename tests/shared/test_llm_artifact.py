@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from fieldline.shared.llm_artifact import (
     pack_checkpoint,
     unpack_checkpoint,
 )
+from tests.support.artifacts import gnu_sparse_tar
 
 
 def checkpoint(d: Path) -> Path:
@@ -94,25 +94,8 @@ def test_links_and_garbage_are_refused(tmp_path: Path) -> None:
         unpack_checkpoint(tmp_path / "g.tar", tmp_path / "out2")
 
 
-def _gnu_sparse_tar(tmp: Path, claimed: int) -> Path:
-    """A checkpoint tar (GNU tar --sparse) whose weights member claims `claimed` bytes of
-    zeros while the tar itself stays a few KiB: the reproduction of issue 13."""
-    d = tmp / "sparse-src"
-    d.mkdir()
-    (d / "config.json").write_text('{"model_type": "llama"}')
-    with (d / "model.safetensors").open("wb") as f:
-        f.truncate(claimed)  # a hole: no blocks on disk
-    out = tmp / "sparse.tar"
-    subprocess.run(
-        ["tar", "--sparse", "--format=gnu", "-cf", str(out), "-C", str(d), "config.json",
-         "model.safetensors"],
-        check=True,
-    )  # fmt: skip
-    return out
-
-
 def test_a_sparse_member_is_refused_before_a_byte_is_written(tmp_path: Path) -> None:
-    tar = _gnu_sparse_tar(tmp_path, 512 * 1024 * 1024)
+    tar = gnu_sparse_tar(tmp_path, 512 * 1024 * 1024)
     assert tar.stat().st_size < 64 * 1024
     with pytest.raises(LLMArtifactError, match="sparse"):
         unpack_checkpoint(tar, tmp_path / "out")

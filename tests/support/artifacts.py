@@ -1,10 +1,13 @@
-"""Signed artifacts made in the test, and a fetcher that serves their bytes from an offset in
-chunks (what the tunnel's FetchArtifact gives the installer), counting what it sent."""
+"""Signed artifacts made in the test, a fetcher that serves their bytes from an offset in chunks
+(what the tunnel's FetchArtifact gives the installer), counting what it sent, and a GNU sparse
+tar (issue 13's decompression bomb)."""
 
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fieldline.shared.clock import utcnow
 from fieldline.shared.schemas import ArtifactManifest, SignedManifest
@@ -37,3 +40,20 @@ class Fetcher:
             block = self.data[i : i + CHUNK]
             self.sent += len(block)
             yield block
+
+
+def gnu_sparse_tar(tmp: Path, claimed: int) -> Path:
+    """A checkpoint tar (GNU tar --sparse) whose weights member claims `claimed` bytes of
+    zeros while the tar itself stays a few KiB: the reproduction of issue 13."""
+    d = tmp / "sparse-src"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    with (d / "model.safetensors").open("wb") as f:
+        f.truncate(claimed)  # a hole: no blocks on disk
+    out = tmp / "sparse.tar"
+    subprocess.run(
+        ["tar", "--sparse", "--format=gnu", "-cf", str(out), "-C", str(d), "config.json",
+         "model.safetensors"],
+        check=True,
+    )  # fmt: skip
+    return out

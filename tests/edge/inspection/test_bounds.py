@@ -8,59 +8,55 @@ import io
 import threading
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from fieldline.cli.harness.classifier import TrainedClassifier, make_frame, train_classifier
 from fieldline.edge.inspection.runtime import InspectionRuntime
 from fieldline.shared.config import GatewaySettings, InspectionSettings, LLMSettings
-from fieldline.shared.policy import Policy
+from fieldline.shared.policy import InspectionRule, Policy
+from tests.support.onnx_models import tiny_classifier
 from tests.support.tiny_llm import ThreadedGateway
 
 MIB = 1024 * 1024
 # Decoding 4000x4000 RGB costs 48 MiB as uint8 and 192 MiB as float32.
 HUGE_SIDE = 4000
 MAX_PEAK = 16 * MIB
+SIDE = 16  # the model's input: [N, 3, 16, 16]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedClassifier:
-    return train_classifier(tmp_path_factory.mktemp("bounds"), seconds_budget=1.0)
-
-
-def _runtime(trained: TrainedClassifier, **settings: int) -> InspectionRuntime:
+def _runtime(model: Path, **settings: int) -> InspectionRuntime:
     rt = InspectionRuntime(
         lambda topic, payload: None,
         lambda verdict: None,
         settings=InspectionSettings(intra_op_threads=1, **settings),  # type: ignore[arg-type]
         registry=CollectorRegistry(),
     )
-    rt.apply_policy(
-        Policy(
-            inspections=[
-                trained.rule(
-                    name="frames",
-                    topic="line1/camera/+",
-                    model="defects",
-                    result_topic="line1/v",
-                    # frames come at the model's size: no resize, so a bigger one cannot fit
-                    preprocess=trained.preprocess.model_copy(update={"resize": None}),
-                )
-            ]
-        ),
-        {"defects": ("1", trained.onnx_path)},
+    rule = InspectionRule.model_validate(
+        {
+            "name": "frames",
+            "topic": "line1/camera/+",
+            "model": "defects",
+            "result_topic": "line1/verdicts",
+            # frames come at the model's size: no resize, so a bigger one cannot fit
+            "preprocess": {"decoder": "image", "resize": None},
+            "postprocess": {"labels": ["ok", "defect"], "defect_labels": ["defect"]},
+        }
     )
+    rt.apply_policy(Policy(inspections=[rule]), {"defects": ("1", model)})
     rt.start()
     return rt
 
 
-@pytest.fixture
-def gateway(trained: TrainedClassifier) -> Iterator[tuple[ThreadedGateway, InspectionRuntime]]:
-    rt = _runtime(trained, max_queue_bytes=MIB)
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ThreadedGateway, InspectionRuntime]]:
+    model = tiny_classifier(tmp_path_factory.mktemp("bounds") / "tiny.onnx", side=SIDE)
+    rt = _runtime(model, max_queue_bytes=MIB)
     g = ThreadedGateway(GatewaySettings(port=0), llm=LLMSettings(device="cpu", autotune=False))
     g.start()
     g.state.inspect = lambda rule, payload, publish: rt.submit(rule, payload, publish=publish)
@@ -94,13 +90,13 @@ def test_a_frame_that_cannot_fit_is_refused_before_decoding(
 
 
 def test_a_fitting_frame_still_gets_a_verdict(
-    gateway: tuple[ThreadedGateway, InspectionRuntime], trained: TrainedClassifier
+    gateway: tuple[ThreadedGateway, InspectionRuntime],
 ) -> None:
     g, _ = gateway
-    frame = make_frame(False, np.random.default_rng(1))
+    frame = _png(SIDE, SIDE)
     r = httpx.post(f"{g.url}/v1/inspect", params={"rule": "frames"}, content=frame, timeout=60)
     assert r.status_code == 200, r.text
-    assert r.json()["label"] == "good"
+    assert r.json()["label"] in ("ok", "defect")
 
 
 def test_the_queue_is_bounded_in_bytes(gateway: tuple[ThreadedGateway, InspectionRuntime]) -> None:
