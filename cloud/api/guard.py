@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import anyio
 import structlog
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -78,7 +79,9 @@ class RequestGuard:
         method = scope["method"]
         headers = scope.get("headers", [])
         secret = bearer_secret(headers)
-        key = auth_store.lookup_api_key(self.ctx.db, secret=secret) if secret else None
+        # Off the loop, as the routes' own queries are: the store's lock may be held by a long
+        # query in a worker thread, and the tunnel shares this loop.
+        key = await anyio.to_thread.run_sync(self._lookup, secret) if secret is not None else None
         if key is None:
             await _refuse(
                 send, 401, "missing or unknown API key: send 'Authorization: Bearer <key>'"
@@ -86,7 +89,9 @@ class RequestGuard:
             return
         if not key.usable(utcnow()):
             state = "revoked" if key.revoked_at is not None else "expired"
-            self._audit(key, method, path, 401, f"refused: key {state}")
+            await anyio.to_thread.run_sync(
+                self._audit, key, method, path, 401, f"refused: key {state}"
+            )
             await _refuse(send, 401, f"this API key is {state}")
             return
         limit = self.ctx.settings.http_max_body_bytes
@@ -96,28 +101,29 @@ class RequestGuard:
             await _refuse(send, 413, f"request body exceeds {limit} bytes")
             return
         scope[SCOPE_KEY] = key
-        status = 500
+        status = 500  # what the audit says when the app ends without answering
+        started = False
         cut_off = False  # the 413 went out; what the app sends after it is dropped
 
         async def capture(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if cut_off:
                 return
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         seen = 0
 
         async def limited() -> Message:
-            nonlocal seen, cut_off, status
+            nonlocal seen, cut_off, status, started
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit and not cut_off:  # chunked, no declared length: stop here
-                    if status == 500:  # no response started yet
+                    if not started:
                         await _refuse(send, 413, f"request body exceeds {limit} bytes")
-                        status = 413
+                        status, started = 413, True
                     cut_off = True
                 if cut_off:
                     raise BodyTooLarge(limit)
@@ -128,7 +134,11 @@ class RequestGuard:
         finally:
             if method in CHANGES:
                 query = scope.get("query_string", b"").decode("latin-1")
-                self._audit(key, method, path, status, query)
+                with anyio.CancelScope(shield=True):  # a client gone mid-call is audited too
+                    await anyio.to_thread.run_sync(self._audit, key, method, path, status, query)
+
+    def _lookup(self, secret: str) -> ApiKey | None:
+        return auth_store.lookup_api_key(self.ctx.db, secret=secret)
 
     def _audit(self, key: ApiKey, method: str, path: str, status: int, detail: str) -> None:
         try:
