@@ -109,7 +109,9 @@ def test_bad_inputs_raise_quantization_error(trained: TrainedClassifier, tmp_pat
     assert not list(tmp_path.glob(".quantize-*")) and not (tmp_path / "a.onnx").exists()
 
 
-def test_a_yolo_style_upsample_on_a_dynamic_batch_still_quantizes(tmp_path: Path) -> None:
+def test_a_yolo_style_upsample_on_a_dynamic_batch_still_quantizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Resize (nn.Upsample) then Concat on a dynamic batch axis is where ORT's symbolic shape
     # inference gives up on YOLO exports; the pre-processing falls back to ONNX's shapes.
     import torch
@@ -126,6 +128,9 @@ def test_a_yolo_style_upsample_on_a_dynamic_batch_still_quantizes(tmp_path: Path
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.out(torch.cat([self.up(torch.relu(self.down(x))), x], 1)).flatten(2)
 
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # where ORT drops the model it could not finish
     src = tmp_path / "neck.onnx"
     export_onnx(Neck().eval(), src, (16, 16), channels=3)
     calib = tmp_path / "calib.npz"
@@ -134,6 +139,7 @@ def test_a_yolo_style_upsample_on_a_dynamic_batch_still_quantizes(tmp_path: Path
     report = quantize_onnx(src, tmp_path / "neck.int8.onnx", calib)
     assert report.method == "static_qdq_per_channel"
     assert "QuantizeLinear" in _ops(tmp_path / "neck.int8.onnx")
+    assert list(cwd.iterdir()) == []
     np.testing.assert_allclose(
         _run(tmp_path / "neck.int8.onnx", x),
         _run(src, x),
