@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_TOPIC_LEN = 512
 MAX_PROMPT_CHARS = 16_384
@@ -123,11 +130,25 @@ class Preprocess(BaseModel):
     # "image": PNG/JPEG bytes; "array": a JSON array (or {"values": [...]}) of numbers.
     decoder: Literal["image", "array"] = "image"
     resize: tuple[int, int] | None = None  # (height, width) for images
+    # "stretch": resize to `resize` ignoring the aspect ratio; "letterbox": scale to fit
+    # keeping it, pad the rest with `pad_value` (centred, as YOLO-family exports expect).
+    resize_mode: Literal["stretch", "letterbox"] = "stretch"
+    pad_value: int = Field(default=114, ge=0, le=255)
     grayscale: bool = False
+    # The order the model wants its colour channels in (mean/std are given in that order).
+    channel_order: Literal["RGB", "BGR"] = "RGB"
     scale: float = 1.0 / 255.0  # applied before normalize
     mean: list[float] | None = None
     std: list[float] | None = None
     layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+    @model_validator(mode="after")
+    def _letterbox_needs_size(self) -> Preprocess:
+        if self.resize_mode == "letterbox" and (self.resize is None or self.decoder != "image"):
+            raise ValueError("resize_mode letterbox needs decoder image and a resize (h, w)")
+        if self.resize is not None and min(self.resize) < 1:
+            raise ValueError(f"resize {self.resize} must be positive")
+        return self
 
 
 class Postprocess(BaseModel):
@@ -137,11 +158,41 @@ class Postprocess(BaseModel):
 
     # "classify": softmax over classes, label map, defect when a defect label wins with
     # probability >= threshold; "anomaly": the first output is a score, defect when >= threshold.
-    mode: Literal["classify", "anomaly"] = "classify"
+    # "detect": YOLO-family boxes (docs/inspection.md), threshold = box confidence;
+    # "segment": per-pixel class scores [classes, H, W], threshold = pixel probability.
+    mode: Literal["classify", "anomaly", "detect", "segment"] = "classify"
     softmax: bool = True
     labels: list[str] = Field(default_factory=list)
     defect_labels: list[str] = Field(default_factory=list)
     threshold: float = 0.5
+    # detect: the output layout; "yolov8" [4+classes, anchors] (also YOLO11), "yolov5"
+    # [anchors, 5+classes] with objectness, "end2end" [detections, 6] (x1 y1 x2 y2 score class,
+    # NMS done in the model: YOLOv10, exports with nms=True).
+    detect_layout: Literal["yolov8", "yolov5", "end2end"] = "yolov8"
+    iou_threshold: float = Field(default=0.45, gt=0, le=1)
+    max_detections: int = Field(default=100, ge=1, le=1000)
+    # detect: a defect box needs at least this score (per label; default `threshold`), this
+    # area in original pixels, and a label needs more boxes than its allowed count (default 0).
+    label_thresholds: dict[str, float] = Field(default_factory=dict)
+    min_box_area: float = Field(default=0.0, ge=0)
+    allowed_count: dict[str, int] = Field(default_factory=dict)
+    # segment: a defect label's area counts when it reaches both (original pixels, share of
+    # the image); the verdict lists at most max_regions connected regions, largest first.
+    min_area_px: float = Field(default=1.0, ge=0)
+    min_area_share: float = Field(default=0.0, ge=0, le=1)
+    max_regions: int = Field(default=32, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _labels_for_locating_modes(self) -> Postprocess:
+        if self.mode in ("detect", "segment"):
+            if not self.labels or not self.defect_labels:
+                raise ValueError(f"mode {self.mode} needs labels and defect_labels")
+            unknown = set(self.defect_labels) | set(self.label_thresholds)
+            unknown |= set(self.allowed_count)
+            unknown -= set(self.labels)
+            if unknown:
+                raise ValueError(f"labels {sorted(unknown)} are not in labels {self.labels}")
+        return self
 
 
 class InspectionRule(BaseModel):

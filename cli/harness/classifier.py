@@ -155,8 +155,10 @@ def _build_model():  # -> torch.nn.Module (torch is imported lazily: the simulat
     )
 
 
-def export_onnx(model, path: Path, sample_hw: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE)) -> None:
-    """Export a [N, 1, H, W] -> [N, C] torch model to ONNX with a dynamic batch axis.
+def export_onnx(
+    model, path: Path, sample_hw: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE), channels: int = 1
+) -> None:
+    """Export a [N, channels, H, W] -> [N, ...] torch model to ONNX with a dynamic batch axis.
 
     Uses the TorchScript-based exporter (dynamo=False): with torch 2.13 it writes one
     self-contained file with `dynamic_axes` in well under a second. The dynamo exporter works
@@ -167,7 +169,7 @@ def export_onnx(model, path: Path, sample_hw: tuple[int, int] = (FRAME_SIZE, FRA
     import torch
 
     model.eval()
-    dummy = torch.zeros(1, 1, *sample_hw)
+    dummy = torch.zeros(1, channels, *sample_hw)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # torch announces the legacy exporter's retirement on every call; we chose it knowingly.

@@ -10,11 +10,12 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import structlog
 from onnxruntime.quantization import (
@@ -39,6 +40,8 @@ LATENCY_THREADS = 1
 RANDOM_AGREEMENT_SAMPLES = 64
 # Largest calibration set read into memory (in bytes): a controller must not be taken down by it.
 MAX_CALIBRATION_BYTES = 1024 * 1024 * 1024
+# Where onnxruntime.tools.symbolic_shape_infer saves a model it could not finish (relative: cwd).
+SHAPE_DUMP = "sym_shape_infer_temp.onnx"
 
 Method = Literal["static_qdq_per_channel", "dynamic"]
 
@@ -124,12 +127,15 @@ def quantize_onnx(
     calibration: Path | None,
     *,
     latency_threads: int = LATENCY_THREADS,
+    activations: Literal["int8", "uint8"] = "int8",
+    exclude_nodes: Sequence[str] = (),
 ) -> QuantizationReport:
     """Quantize `src` to INT8 at `dst` (written atomically) and report on the result.
 
     With calibration: ORT pre-processing, then static QDQ, per-channel weights (int8),
-    int8 activations, MinMax calibration. Without: dynamic quantization (weights int8,
-    activations quantized at run time).
+    int8 activations (or uint8: on x86 ORT's U8S8 kernels are the fast ones, see
+    docs/inspection.md), MinMax calibration; `exclude_nodes` stay float (a detector's box
+    decode). Without: dynamic quantization (weights int8, activations quantized at run time).
     """
     fp32 = _session(src, latency_threads)
     input_types = {i.name: i.type for i in fp32.get_inputs()}
@@ -138,22 +144,21 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         out = Path(tmp) / "int8.onnx"
-        try:
-            quant_pre_process(src, prepped, skip_symbolic_shape=False)
-        except Exception as exc:  # ORT raises bare Exceptions from its shape inference
-            raise QuantizationError(f"ORT pre-processing failed for {src}: {exc}") from exc
+        _pre_process(src, prepped)
         if arrays is not None:
             method: Method = "static_qdq_per_channel"
-            activation: str | None = QuantType.QInt8.name
+            act_type = QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8
+            activation: str | None = act_type.name
             quantize_static(
                 prepped,
                 out,
                 NpzCalibrationReader(arrays),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                activation_type=QuantType.QInt8,
+                activation_type=act_type,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=list(exclude_nodes),
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
             )
         else:
@@ -184,6 +189,48 @@ def quantize_onnx(
     )
     log.info("quantized onnx model", src=str(src), dst=str(dst), **report.model_dump())
     return report
+
+
+def _pre_process(src: Path, dst: Path) -> None:
+    """ORT's pre-processing (shape inference, graph optimisation) before quantization.
+
+    Symbolic shape inference gives up on some exports (YOLO's Resize on a dynamic batch axis:
+    "Incomplete symbolic shape inference"); ONNX's own shape inference is enough for static
+    quantization, so that case is retried without it.
+    """
+    started = time.time()
+    try:
+        quant_pre_process(src, dst, skip_symbolic_shape=False)
+        return
+    except Exception as exc:  # ORT raises bare Exceptions from its shape inference
+        if "symbolic shape inference" not in str(exc):
+            raise QuantizationError(f"ORT pre-processing failed for {src}: {exc}") from exc
+        log.warning("symbolic shape inference incomplete; using onnx shapes", src=str(src))
+        _remove_shape_dump(started)
+    try:
+        quant_pre_process(src, dst, skip_symbolic_shape=True)
+    except Exception as exc:
+        raise QuantizationError(f"ORT pre-processing failed for {src}: {exc}") from exc
+
+
+def _remove_shape_dump(since: float) -> None:
+    """ORT's symbolic shape inference, when it gives up, saves its partial model and the model's
+    weights (as uuid-named files) in the working directory; remove the ones it just wrote."""
+    dump = Path(SHAPE_DUMP)
+    try:
+        if dump.stat().st_mtime < since:
+            return
+        model = onnx.load(str(dump), load_external_data=False)
+    except FileNotFoundError:
+        return
+    except Exception:  # a dump we cannot read: leave it, say so
+        log.warning("cannot read onnxruntime's shape dump", path=str(dump.resolve()))
+        return
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                Path(entry.value).unlink(missing_ok=True)
+    dump.unlink(missing_ok=True)
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:

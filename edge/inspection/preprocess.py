@@ -41,10 +41,83 @@ class Decision:
     label: str
     score: float
     defect: bool
+    boxes: tuple[Box, ...] = ()  # detect
+    areas: tuple[ClassArea, ...] = ()  # segment: one per defect label
+    regions: tuple[Region, ...] = ()  # segment
+
+
+@dataclass(frozen=True, slots=True)
+class Box:
+    """One detection in the original image's pixels."""
+
+    label: str
+    score: float
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.x2 - self.x1) * max(0.0, self.y2 - self.y1)
+
+
+@dataclass(frozen=True, slots=True)
+class ClassArea:
+    """How much of the image one segment class covers, in original pixels and as a share."""
+
+    label: str
+    area_px: float
+    share: float
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """One connected region of a segment class: its area and bounding box, original pixels."""
+
+    label: str
+    area_px: float
+    share: float  # of the image
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """Where the model's input pixels came from: input = original * scale + pad (per axis)."""
+
+    orig_h: int
+    orig_w: int
+    input_h: int
+    input_w: int
+    scale_x: float = 1.0
+    scale_y: float = 1.0
+    pad_x: float = 0.0
+    pad_y: float = 0.0
+
+    @classmethod
+    def identity(cls, h: int, w: int) -> Geometry:
+        return cls(h, w, h, w)
+
+    def to_original(self, xyxy: np.ndarray) -> np.ndarray:
+        """Boxes [N, 4] in input pixels -> original pixels, clipped to the original image."""
+        out = np.empty_like(xyxy, dtype=np.float64)
+        out[:, [0, 2]] = (xyxy[:, [0, 2]] - self.pad_x) / self.scale_x
+        out[:, [1, 3]] = (xyxy[:, [1, 3]] - self.pad_y) / self.scale_y
+        out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, self.orig_w)
+        out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, self.orig_h)
+        return out
 
 
 def preprocess_payload(payload: bytes, pre: Preprocess) -> np.ndarray:
     """Decode one payload into one float32 sample (no batch axis) in the rule's layout."""
+    return preprocess_frame(payload, pre)[0]
+
+
+def preprocess_frame(payload: bytes, pre: Preprocess) -> tuple[np.ndarray, Geometry | None]:
+    """preprocess_payload, also saying how input pixels map to the image's (None for arrays)."""
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise PayloadError("type", f"payload must be bytes, got {type(payload).__name__}")
     if len(payload) == 0:
@@ -52,10 +125,10 @@ def preprocess_payload(payload: bytes, pre: Preprocess) -> np.ndarray:
     if len(payload) > MAX_INSPECT_PAYLOAD_BYTES:
         raise PayloadError("too_large", f"{len(payload)} bytes > {MAX_INSPECT_PAYLOAD_BYTES}")
     if pre.decoder == "image":
-        hwc = _decode_image(bytes(payload), pre)
-        return normalize(hwc, pre, channels_last=True)
+        hwc, geometry = _decode_image(bytes(payload), pre)
+        return normalize(hwc, pre, channels_last=True), geometry
     arr = _decode_array(bytes(payload))
-    return normalize(arr, pre, channels_last=pre.layout == "NHWC")
+    return normalize(arr, pre, channels_last=pre.layout == "NHWC"), None
 
 
 def normalize(sample: np.ndarray, pre: Preprocess, *, channels_last: bool) -> np.ndarray:
@@ -91,8 +164,8 @@ def _apply_stats(x: np.ndarray, pre: Preprocess, *, channels_last: bool) -> np.n
     return (x - mean) / std
 
 
-def _decode_image(payload: bytes, pre: Preprocess) -> np.ndarray:
-    """PNG/JPEG bytes -> [H, W, C] uint8 (C = 1 when grayscale, else 3)."""
+def _decode_image(payload: bytes, pre: Preprocess) -> tuple[np.ndarray, Geometry]:
+    """PNG/JPEG bytes -> [H, W, C] uint8 (C = 1 when grayscale, else 3) and its geometry."""
     try:
         opened = Image.open(io.BytesIO(payload))
         if opened.format not in ACCEPTED_IMAGE_FORMATS:
@@ -101,10 +174,16 @@ def _decode_image(payload: bytes, pre: Preprocess) -> np.ndarray:
         if width * height > MAX_IMAGE_PIXELS:
             raise PayloadError("too_large", f"image of {width}x{height} pixels")
         img = opened.convert("L" if pre.grayscale else "RGB")
-        if pre.resize is not None:
+        geometry = Geometry.identity(height, width)
+        if pre.resize is not None and pre.resize_mode == "letterbox":
+            img, geometry = letterbox(img, pre.resize, pre.pad_value)
+        elif pre.resize is not None:
             target_h, target_w = pre.resize
             if (height, width) != (target_h, target_w):
                 img = img.resize((target_w, target_h), Image.Resampling.BILINEAR)
+            geometry = Geometry(
+                height, width, target_h, target_w, target_w / width, target_h / height
+            )
         arr = np.asarray(img, dtype=np.uint8)
     except PayloadError:
         raise
@@ -112,7 +191,30 @@ def _decode_image(payload: bytes, pre: Preprocess) -> np.ndarray:
         # Pillow's decoders report hostile streams through many types (OSError, ValueError,
         # SyntaxError, struct.error, EOFError, DecompressionBombError, ...): all mean "bad image".
         raise PayloadError("image", f"cannot decode image: {exc!r}") from exc
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    if arr.ndim == 2:
+        return arr[:, :, None], geometry
+    if pre.channel_order == "BGR":
+        arr = arr[:, :, ::-1]
+    return arr, geometry
+
+
+def letterbox(
+    img: Image.Image, size: tuple[int, int], pad_value: int
+) -> tuple[Image.Image, Geometry]:
+    """Scale `img` to fit (height, width) keeping its aspect ratio; pad the rest, centred."""
+    target_h, target_w = size
+    width, height = img.size
+    ratio = min(target_h / height, target_w / width)
+    new_w, new_h = max(1, round(width * ratio)), max(1, round(height * ratio))
+    left, top = (target_w - new_w) // 2, (target_h - new_h) // 2
+    fill = pad_value if img.mode == "L" else (pad_value,) * 3
+    canvas = Image.new(img.mode, (target_w, target_h), fill)  # type: ignore[arg-type]
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    canvas.paste(img, (left, top))
+    # Scale per axis from the rounded size, so boxes map back onto the pixels actually drawn.
+    geometry = Geometry(height, width, target_h, target_w, new_w / width, new_h / height, left, top)
+    return canvas, geometry
 
 
 def _decode_array(payload: bytes) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from fieldline.edge.inspection.model import LoadedModel, ModelLoadError, load_model
+from fieldline.edge.inspection.model import LoadedModel, ModelLoadError, check_rule, load_model
 from fieldline.edge.inspection.worker import (
     InspectionRejected,
     ModelWorker,
@@ -99,6 +99,19 @@ class _LogLimiter:
                 return None
             self._seen[key] = (now, 0)
             return held
+
+
+def _check_rules(model: LoadedModel, rules: list[InspectionRule]) -> None:
+    for rule in rules:
+        check_rule(model, rule)
+
+
+def _fits(model: LoadedModel, rules: list[InspectionRule]) -> bool:
+    try:
+        _check_rules(model, rules)
+    except ModelLoadError:
+        return False
+    return True
 
 
 class InspectionRuntime:
@@ -188,17 +201,26 @@ class InspectionRuntime:
                     log.warning("inspection model not installed", model=name)
                     continue
                 version, path = installed[name][0], Path(installed[name][1])
-                if current is not None and (current.model.version, current.model.path) == (
+                same = current is not None and (current.model.version, current.model.path) == (
                     version,
                     path,
-                ):
-                    continue
+                )
                 try:
-                    loaded[name] = load_model(name, version, path, self.settings)
+                    model = (
+                        current.model
+                        if same and current
+                        else load_model(name, version, path, self.settings)
+                    )
+                    _check_rules(model, wanted[name])  # refused now, not at the first message
                 except ModelLoadError as exc:
                     log.error("inspection model failed to load", model=name, error=str(exc))
-                    # A running older version keeps serving; the owner may roll back.
-                    (swap_errors if current is not None else load_errors)[name] = str(exc)
+                    # A running older version that reads the rules keeps serving; the owner
+                    # may roll back.
+                    keep = current is not None and not same and _fits(current.model, wanted[name])
+                    (swap_errors if keep else load_errors)[name] = str(exc)
+                    continue
+                if not same:
+                    loaded[name] = model
             with self._lock:
                 self._rules = rules
                 for model in loaded.values():
@@ -219,6 +241,7 @@ class InspectionRuntime:
         """
         with self._apply_lock:
             model = load_model(name, version, Path(path), self.settings)
+            _check_rules(model, [r for r in self._rules if r.model == name])
             with self._lock:
                 self._install(model)
                 self._swap_errors.pop(name, None)

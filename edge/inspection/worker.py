@@ -20,11 +20,15 @@ import structlog
 from PIL import Image
 
 from fieldline.edge.inspection.model import LoadedModel
+from fieldline.edge.inspection.postprocess import decide
 from fieldline.edge.inspection.preprocess import (
+    Box,
+    ClassArea,
+    Geometry,
     PayloadError,
+    Region,
     fit_to_input,
-    postprocess_output,
-    preprocess_payload,
+    preprocess_frame,
 )
 from fieldline.shared.clock import now_ms
 from fieldline.shared.health import HEALTH_WINDOW_S
@@ -61,13 +65,28 @@ class Verdict:
     defect: bool
     latency_ms: float
     ts_ms: int
+    # Where the defect is (detect: boxes; segment: areas per defect label and regions), in the
+    # original image's pixels; empty for classify and anomaly and left out of their JSON.
+    boxes: tuple[Box, ...] = ()
+    areas: tuple[ClassArea, ...] = ()
+    regions: tuple[Region, ...] = ()
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        data = asdict(self)
+        for key in _LOCATING_FIELDS:
+            if not data[key]:
+                del data[key]
+        return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Verdict:
-        return cls(**json.loads(data))
+        fields = json.loads(data)
+        for key, kind in _LOCATING_FIELDS.items():
+            fields[key] = tuple(kind(**item) for item in fields.get(key, ()))
+        return cls(**fields)
+
+
+_LOCATING_FIELDS: dict[str, type] = {"boxes": Box, "areas": ClassArea, "regions": Region}
 
 
 def image_size_problem(
@@ -244,10 +263,10 @@ class ModelWorker:
 
     def _run_batch(self, batch: list[Request]) -> None:
         model = self._model
-        groups: dict[tuple[int, ...], list[tuple[Request, np.ndarray]]] = {}
+        groups: dict[tuple[int, ...], list[tuple[Request, np.ndarray, Geometry | None]]] = {}
         for req in batch:
             try:
-                sample = preprocess_payload(req.payload, req.rule.preprocess)
+                sample, geometry = preprocess_frame(req.payload, req.rule.preprocess)
                 sample = fit_to_input(sample, model.sample_shape)
             except PayloadError as exc:
                 self._hooks.fail(self, req, InspectionRejected(exc.reason, exc.detail))
@@ -256,27 +275,29 @@ class ModelWorker:
                 log.exception("payload pre-processing failed", model=self.name)
                 self._hooks.fail(self, req, InspectionRejected("internal", repr(exc)))
                 continue
-            groups.setdefault(sample.shape, []).append((req, sample))
+            groups.setdefault(sample.shape, []).append((req, sample, geometry))
         for items in groups.values():
             chunk = len(items) if model.dynamic_batch else 1
             for start in range(0, len(items), chunk):
                 self._infer(model, items[start : start + chunk])
 
-    def _infer(self, model: LoadedModel, items: list[tuple[Request, np.ndarray]]) -> None:
+    def _infer(
+        self, model: LoadedModel, items: list[tuple[Request, np.ndarray, Geometry | None]]
+    ) -> None:
         # x: [B, *sample_shape]
-        x = np.stack([s for _, s in items]).astype(model.input_dtype, copy=False)
+        x = np.stack([s for _, s, _ in items]).astype(model.input_dtype, copy=False)
         try:
             output = model.session.run(None, {model.input_name: x})[0]
         except Exception as exc:  # ORT errors are untyped; count them per request
-            for req, _ in items:
+            for req, _, _ in items:
                 self._hooks.fail(self, req, InspectionRejected("inference", str(exc)))
             return
         self._hooks.observe_batch(self.name, len(items))
         with self.stats.lock:
             self.stats.inferences += 1
-        for i, (req, _) in enumerate(items):
+        for i, (req, _, geometry) in enumerate(items):
             try:
-                decision = postprocess_output(output[i], req.rule.postprocess)
+                decision = decide(output[i], req.rule.postprocess, geometry)
             except PayloadError as exc:
                 self._hooks.fail(self, req, InspectionRejected(exc.reason, exc.detail))
                 continue
@@ -289,6 +310,9 @@ class ModelWorker:
                 label=decision.label,
                 score=round(decision.score, 6),
                 defect=decision.defect,
+                boxes=decision.boxes,
+                areas=decision.areas,
+                regions=decision.regions,
                 latency_ms=round((time.monotonic() - req.enqueued) * 1e3, 3),
                 ts_ms=now_ms(),
             )

@@ -107,3 +107,41 @@ def test_bad_inputs_raise_quantization_error(trained: TrainedClassifier, tmp_pat
     with pytest.raises(QuantizationError, match="cannot read"):
         quantize_onnx(trained.onnx_path, tmp_path / "c.onnx", notnpz)
     assert not list(tmp_path.glob(".quantize-*")) and not (tmp_path / "a.onnx").exists()
+
+
+def test_a_yolo_style_upsample_on_a_dynamic_batch_still_quantizes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Resize (nn.Upsample) then Concat on a dynamic batch axis is where ORT's symbolic shape
+    # inference gives up on YOLO exports; the pre-processing falls back to ONNX's shapes.
+    import torch
+
+    from fieldline.cli.harness.classifier import export_onnx
+
+    class Neck(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = torch.nn.Conv2d(3, 8, 3, 2, 1)
+            self.up = torch.nn.Upsample(scale_factor=2, mode="nearest")
+            self.out = torch.nn.Conv2d(11, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.cat([self.up(torch.relu(self.down(x))), x], 1)).flatten(2)
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # where ORT drops the model it could not finish
+    src = tmp_path / "neck.onnx"
+    export_onnx(Neck().eval(), src, (16, 16), channels=3)
+    calib = tmp_path / "calib.npz"
+    x = np.random.default_rng(0).random((8, 3, 16, 16), dtype=np.float32)
+    np.savez(calib, **{INPUT_NAME: x})
+    report = quantize_onnx(src, tmp_path / "neck.int8.onnx", calib)
+    assert report.method == "static_qdq_per_channel"
+    assert "QuantizeLinear" in _ops(tmp_path / "neck.int8.onnx")
+    assert list(cwd.iterdir()) == []
+    np.testing.assert_allclose(
+        _run(tmp_path / "neck.int8.onnx", x),
+        _run(src, x),
+        atol=0.1 + 0.1 * np.abs(_run(src, x)).max(),
+    )

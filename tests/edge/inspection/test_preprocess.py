@@ -13,11 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from pydantic import ValidationError
 
 from fieldline.edge.inspection.preprocess import (
+    Geometry,
     PayloadError,
     fit_to_input,
     postprocess_output,
+    preprocess_frame,
     preprocess_payload,
 )
 from fieldline.shared.policy import Postprocess, Preprocess
@@ -39,6 +42,39 @@ def test_rgb_image_is_resized_normalized_and_laid_out() -> None:
     hwc = preprocess_payload(_encode(rgb), pre.model_copy(update={"layout": "NHWC"}))
     assert hwc.shape == (10, 12, 3)
     np.testing.assert_allclose(hwc.transpose(2, 0, 1), chw)
+
+
+def test_letterbox_keeps_the_aspect_pads_and_remembers_how() -> None:
+    rgb = np.full((30, 90, 3), 200, dtype=np.uint8)  # 90 wide, 30 high
+    pre = Preprocess(resize=(60, 60), resize_mode="letterbox", pad_value=7, scale=1.0)
+    chw, geometry = preprocess_frame(_encode(rgb), pre)
+    assert chw.shape == (3, 60, 60)
+    assert geometry == Geometry(30, 90, 60, 60, 60 / 90, 20 / 30, 0, 20)
+    np.testing.assert_array_equal(chw[:, :20], 7)  # padding above and below
+    np.testing.assert_array_equal(chw[:, 40:], 7)
+    np.testing.assert_array_equal(chw[:, 20:40], 200)
+    back = geometry.to_original(np.array([[0.0, 20.0, 60.0, 40.0], [-5, 0, 30, 70]]))
+    np.testing.assert_allclose(back, [[0, 0, 90, 30], [0, 0, 45, 30]])
+
+
+def test_channel_order_bgr_reverses_the_channels() -> None:
+    rgb = np.zeros((4, 4, 3), dtype=np.uint8)
+    rgb[..., 0] = 255  # red
+    bgr = preprocess_payload(_encode(rgb), Preprocess(channel_order="BGR", scale=1.0))
+    np.testing.assert_array_equal(bgr[:, 0, 0], [0, 0, 255])
+    stretched, geometry = preprocess_frame(_encode(rgb), Preprocess(resize=(8, 2)))
+    assert stretched.shape == (3, 8, 2) and geometry == Geometry(4, 4, 8, 2, 0.5, 2.0)
+
+
+def test_the_rule_refuses_settings_that_cannot_work() -> None:
+    with pytest.raises(ValidationError, match="letterbox needs"):
+        Preprocess(resize_mode="letterbox")
+    with pytest.raises(ValidationError, match="needs labels and defect_labels"):
+        Postprocess(mode="detect", labels=["scratch"])
+    with pytest.raises(ValidationError, match=r"\['dent'\] are not in labels"):
+        Postprocess(mode="segment", labels=["bg", "scratch"], defect_labels=["scratch", "dent"])
+    # the existing modes keep their defaults and meaning
+    assert Postprocess().mode == "classify" and Preprocess().resize_mode == "stretch"
 
 
 def test_grayscale_jpeg_is_accepted() -> None:
