@@ -104,6 +104,7 @@ class PolicyApplied(BaseModel):
 
 class RecordPublic(BaseModel):
     node_id: str
+    epoch: int = 0
     seq: int
     kind: str
     topic: str
@@ -115,6 +116,25 @@ class RecordPublic(BaseModel):
 
 class RecordPage(BaseModel):
     records: list[RecordPublic]
+    next_cursor: str | None
+
+
+class DeadRecordPublic(BaseModel):
+    """A record the cloud refused on its own (the rest of its batch was stored), and why."""
+
+    id: int
+    node_id: str
+    epoch: int
+    seq: int
+    kind: str
+    topic: str
+    size: int
+    reason: str
+    received_ms: int
+
+
+class DeadRecordPage(BaseModel):
+    dead: list[DeadRecordPublic]
     next_cursor: str | None
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
 from fieldline.cloud.api.deps import ContextDep, ViewerKey
-from fieldline.cloud.api.models import RecordPage, RecordPublic
+from fieldline.cloud.api.models import DeadRecordPage, DeadRecordPublic, RecordPage, RecordPublic
+from fieldline.cloud.context import CloudContext
 from fieldline.cloud.store import records as record_store
 from fieldline.shared.limits import RECORD_KINDS
 
@@ -19,13 +21,17 @@ MAX_INT64 = 2**63 - 1  # SQLite's INTEGER range; larger numbers are refused with
 KIND_PATTERN = f"^({'|'.join(sorted(RECORD_KINDS))})$"
 
 
-def _cursor(text: str | None) -> tuple[str, int] | None:
+def _cursor(text: str | None) -> tuple[str, int, int] | None:
+    """(node, epoch, seq) from "node:epoch:seq" (or an older page's "node:seq", epoch 0)."""
     if not text:
         return None
-    node, sep, seq = text.rpartition(":")
-    if not sep or not seq.isdigit() or int(seq) > MAX_INT64:
+    head, sep, seq = text.rpartition(":")
+    node, sep2, epoch = head.rpartition(":")
+    if not sep2 or not epoch.isdigit():
+        node, epoch = head, "0"
+    if not sep or not node or not seq.isdigit() or max(int(seq), int(epoch)) > MAX_INT64:
         raise HTTPException(422, "cursor must be the next_cursor of a previous page")
-    return node, int(seq)
+    return node, int(epoch), int(seq)
 
 
 def _public(r: record_store.RecordRow) -> RecordPublic:
@@ -36,6 +42,7 @@ def _public(r: record_store.RecordRow) -> RecordPublic:
         payload, enc = base64.b64encode(r.payload).decode(), "base64"
     return RecordPublic(
         node_id=r.node_id,
+        epoch=r.epoch,
         seq=r.seq,
         kind=r.kind,
         topic=r.topic,
@@ -57,7 +64,12 @@ def list_records(
     until_ms: Annotated[int | None, Query(ge=-MAX_INT64, le=MAX_INT64)] = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
-) -> RecordPage:
+    dead: Annotated[
+        bool, Query(description="The records the cloud refused (dead letters) instead")
+    ] = False,
+) -> RecordPage | DeadRecordPage:
+    if dead:
+        return _dead_page(ctx, node, cursor, limit)
     rows = record_store.query_records(
         ctx.db,
         node_id=node,
@@ -68,5 +80,21 @@ def list_records(
         after=_cursor(cursor),
         limit=limit,
     )
-    next_cursor = f"{rows[-1].node_id}:{rows[-1].seq}" if len(rows) == limit else None
+    last = rows[-1] if len(rows) == limit else None
+    next_cursor = f"{last.node_id}:{last.epoch}:{last.seq}" if last else None
     return RecordPage(records=[_public(r) for r in rows], next_cursor=next_cursor)
+
+
+def _dead_page(
+    ctx: CloudContext, node: str | None, cursor: str | None, limit: int
+) -> DeadRecordPage:
+    """A page of the cloud's dead letters; their cursor is the last one's id."""
+    if cursor is not None and (not cursor.isdigit() or int(cursor) > MAX_INT64):
+        raise HTTPException(422, "cursor must be the next_cursor of a previous page")
+    rows = record_store.query_dead_records(
+        ctx.db, node_id=node, after_id=int(cursor or 0), limit=limit
+    )
+    return DeadRecordPage(
+        dead=[DeadRecordPublic(**asdict(r)) for r in rows],
+        next_cursor=str(rows[-1].id) if len(rows) == limit else None,
+    )
