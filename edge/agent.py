@@ -39,7 +39,6 @@ log = structlog.get_logger(__name__)
 AGENT_VERSION = "0.1.0"
 EXIT_OK = 0
 EXIT_CONFIG = 2
-SYNC_TICK_S = 0.5  # how often the sync job checks whether the policy's interval has passed
 
 
 class AgentError(Exception):
@@ -130,7 +129,10 @@ class EdgeAgent:
             raise AgentError(str(exc)) from exc
         dataplane.start()
         self._cleanup.append(self._stop_dataplane)
+        tunnel.records_epoch = lambda: dataplane.sync.epoch
+        tunnel.on_records_welcome = dataplane.on_records_welcome
         tunnel.on_records_ack = dataplane.on_records_ack
+        self._tasks.append(asyncio.create_task(dataplane.run_sync(), name="sync"))
         self.health_sources["dataplane"] = dataplane.health
         # The LLM services, then the gateway that serves them; stopped in reverse.
         self.llm = llm = LlmServices(
@@ -176,14 +178,6 @@ class EdgeAgent:
         self._cleanup.append(tunnel.stop)
 
         self.scheduler = AsyncIOScheduler()
-        self.scheduler.add_job(
-            dataplane.sync_tick,
-            "interval",
-            seconds=SYNC_TICK_S,
-            id="sync",
-            max_instances=1,
-            coalesce=True,
-        )
         self.scheduler.add_job(
             self._heartbeat,
             "interval",

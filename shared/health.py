@@ -88,6 +88,9 @@ class OutboxHealth(_Part):
     dead_letters: int = Field(default=0, ge=0)
     last_seq: int = Field(default=0, ge=0)
     synced_seq: int = Field(default=0, ge=0)
+    epoch: int = Field(default=0, ge=0)  # the outbox's sequence space (a new outbox.db: the next)
+    # Rows the cloud lost (its mark went back) that retention had already pruned here.
+    sync_gap: int = Field(default=0, ge=0)
 
 
 class MqttHealth(_Part):

@@ -28,6 +28,9 @@ log = structlog.get_logger(__name__)
 
 OUTGOING_QUEUE = 1024
 FETCH_TIMEOUT_S = 3600.0
+# The control stream carries record batches: gzip them (JSON readings shrink several times).
+# FetchArtifact stays uncompressed: model bytes do not shrink and chunks would cost CPU.
+STREAM_COMPRESSION = grpc.Compression.Gzip
 
 
 class TunnelClient:
@@ -50,8 +53,11 @@ class TunnelClient:
         self.on_desired = on_desired
         self.on_connected = on_connected
         self.applied_generation = applied_generation
-        # Hooks for the data plane: the cloud's record high-water mark (welcome and acks).
-        self.on_records_ack: Callable[[int], Awaitable[None]] | None = None
+        # Hooks for the data plane: the outbox epoch Hello names, the cloud's record mark on
+        # each Welcome (sync restarts from it), and each RecordsAck's (mark, epoch).
+        self.records_epoch: Callable[[], int] = lambda: 0
+        self.on_records_welcome: Callable[[int], Awaitable[None]] | None = None
+        self.on_records_ack: Callable[[int, int], Awaitable[None]] | None = None
         self.connected = False
         self.last_rtt_ms: float | None = None
         self._backoff = Backoff(settings.reconnect)
@@ -118,12 +124,15 @@ class TunnelClient:
                 hello=pb.Hello(
                     node_info_json=self.node_info.model_dump_json(),
                     applied_generation=self.applied_generation(),
+                    epoch=self.records_epoch(),
                 )
             )
             while True:
                 yield await out.get()
 
-        call = self._stub.Connect(requests(), metadata=self._metadata)
+        call = self._stub.Connect(
+            requests(), metadata=self._metadata, compression=STREAM_COMPRESSION
+        )
         async for msg in call:
             kind = msg.WhichOneof("body")
             if kind == "welcome":
@@ -131,8 +140,8 @@ class TunnelClient:
                 self.connected = True
                 self._backoff.reset()
                 log.info("tunnel connected", cloud=self.cloud, node=msg.welcome.node_id)
-                if self.on_records_ack is not None:
-                    await self.on_records_ack(msg.welcome.synced_seq)
+                if self.on_records_welcome is not None:
+                    await self.on_records_welcome(msg.welcome.synced_seq)
                 if self.on_connected is not None:
                     await self.on_connected()
             elif kind == "desired":
@@ -142,7 +151,8 @@ class TunnelClient:
                 if sent is not None:
                     self.last_rtt_ms = monotonic_ms() - sent
             elif kind == "records_ack" and self.on_records_ack is not None:
-                await self.on_records_ack(msg.records_ack.high_water_seq)
+                ack = msg.records_ack
+                await self.on_records_ack(ack.high_water_seq, ack.epoch)
 
     def health(self) -> TunnelHealth:
         """Whether a stream is up, and the last heartbeat's round trip."""

@@ -30,6 +30,7 @@ log = structlog.get_logger(__name__)
 
 # A verdict that meets a full outbox (only verdicts and events left, sync behind) is tried
 # again this often, this many times (10 s in all, on the model's worker thread), then dropped.
+EPOCH_META = "outbox_epoch"  # edge.db meta key: the newest outbox epoch of this node
 VERDICT_STORE_RETRY_S = 0.2
 VERDICT_STORE_TRIES = 50
 
@@ -62,8 +63,7 @@ class DataPlane:
                 on_inspect=self.inspection.on_inspect,
                 registry=self.registry,
             )
-        self.sync = OutboxSync(self.outbox, send, self.retention)
-        self._last_sync = 0.0
+        self.sync = OutboxSync(self.outbox, send, self.retention, epoch=self._outbox_epoch())
         self.verdicts_published = 0
         self.defects = 0
         self.verdicts_dropped = 0
@@ -193,16 +193,30 @@ class DataPlane:
 
     # -- sync ----------------------------------------------------------------------------------
 
-    async def sync_tick(self) -> None:
-        """The scheduled job: ship outbox batches once the policy's sync interval has passed."""
-        now = time.monotonic()
-        if now - self._last_sync < self.policy.sync_interval_s:
-            return
-        self._last_sync = now
-        await self.sync.run_once()
+    def _outbox_epoch(self) -> int:
+        """The outbox's sequence space: a new outbox.db (deleted, or a fresh install) takes the
+        next epoch after the last one edge.db knows, so its sequences, starting at 1 again, are
+        new records to the cloud; an outbox from before epochs keeps 0."""
+        known = int(self.store.get_meta(EPOCH_META) or 0)
+        if self.outbox.created:
+            epoch = known + 1
+            self.outbox.start_epoch(epoch)
+            log.info("new outbox: a new record sequence space", epoch=epoch)
+        else:
+            epoch = self.outbox.epoch
+        if epoch > known:
+            self.store.set_meta(**{EPOCH_META: str(epoch)})
+        return epoch
 
-    async def on_records_ack(self, high_water_seq: int) -> None:
-        await self.sync.on_ack(high_water_seq)
+    async def run_sync(self) -> None:
+        """The sync task (owned by the agent): drains on each connect, else every policy interval."""
+        await self.sync.run(lambda: self.policy.sync_interval_s)
+
+    async def on_records_welcome(self, synced_seq: int) -> None:
+        await self.sync.on_welcome(synced_seq)
+
+    async def on_records_ack(self, high_water_seq: int, epoch: int) -> None:
+        await self.sync.on_ack(high_water_seq, epoch)
 
     def health(self) -> DataPlaneHealth:
         """Outbox, MQTT and per-model inspection health, and what was published or dropped."""
