@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -70,6 +71,7 @@ class EdgeAgent:
         self.gateway: GatewayServer | None = None
         self._llm_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._health_unsaved = False  # the last heartbeat could not save health (logged once)
         self._cleanup: list[Callable[[], Awaitable[None]]] = []
         # Each part adds its health report here, keyed by its NodeHealth field (tunnel,
         # dataplane, llm, gateway); a part the node does not run has none (None in NodeHealth).
@@ -292,7 +294,14 @@ class EdgeAgent:
             self.reconciler.wake()
         health = self.health()
         if self.store is not None:
-            self.store.save_health(health)
+            try:
+                self.store.save_health(health)
+            except sqlite3.OperationalError as exc:  # a full disk: the beat still goes out
+                if not self._health_unsaved:
+                    log.error("cannot save health in edge.db", error=str(exc))
+                self._health_unsaved = True
+            else:
+                self._health_unsaved = False
         if self.tunnel is not None:
             self.tunnel.heartbeat(health.model_dump_json())
 

@@ -6,7 +6,7 @@ after a restart without the cloud; only sync waits for the tunnel.
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,11 +28,14 @@ from fieldline.shared.schemas import ArtifactKind, DesiredState
 
 log = structlog.get_logger(__name__)
 
-# A verdict that meets a full outbox (only verdicts and events left, sync behind) is tried
-# again this often, this many times (10 s in all, on the model's worker thread), then dropped.
+# A verdict or event that meets a full outbox (only verdicts and events left, sync behind, or
+# a full disk) waits, tried again this often, for as long as it takes: it blocks the model's
+# worker thread (or the explainer's store thread), so the worker's bounded request queue
+# (settings.inspection.max_queue) fills and new inspections are refused as overloaded, counted
+# in inspection health, while their frames are still stored and synced. Only stop() ends the
+# wait: then the verdict or event is dropped, logged and counted (reason "full").
+STORE_RETRY_S = 0.2
 EPOCH_META = "outbox_epoch"  # edge.db meta key: the newest outbox epoch of this node
-VERDICT_STORE_RETRY_S = 0.2
-VERDICT_STORE_TRIES = 50
 
 
 class DataPlane:
@@ -63,6 +66,7 @@ class DataPlane:
                 on_inspect=self.inspection.on_inspect,
                 registry=self.registry,
             )
+        self._stopping = threading.Event()
         self.sync = OutboxSync(self.outbox, send, self.retention, epoch=self._outbox_epoch())
         self.verdicts_published = 0
         self.defects = 0
@@ -85,6 +89,7 @@ class DataPlane:
             self.ingestor.start()
 
     def stop(self) -> None:
+        self._stopping.set()  # verdicts and events waiting for room give up (counted)
         if self.ingestor is not None:
             self.ingestor.stop()  # flushes and acks what it holds
         self.inspection.stop()  # answers (stores) every queued request
@@ -134,23 +139,12 @@ class DataPlane:
     # -- verdicts ------------------------------------------------------------------------------
 
     def _store_verdict(self, verdict: Verdict) -> None:
-        """Store a verdict. A full outbox is retried VERDICT_STORE_TRIES times, VERDICT_STORE_RETRY_S
-        apart (blocking this model's worker: back-pressure on inspection); after that, or when
-        the cloud would refuse the record, the verdict is dropped, logged and counted."""
+        """Store a verdict, waiting while the outbox is full (see STORE_RETRY_S); a verdict the
+        cloud would refuse is dropped, logged and counted."""
         rule = next((r for r in self.policy.inspections if r.name == verdict.rule), None)
         topic = rule.result_topic if rule else f"verdicts/{verdict.rule}"
         record = NewRecord("verdict", topic, verdict.ts_ms, verdict.to_json())
-        for _ in range(VERDICT_STORE_TRIES):
-            try:
-                self.outbox.append([record])
-                break
-            except OutboxFull:
-                time.sleep(VERDICT_STORE_RETRY_S)
-            except RecordRefused as exc:
-                self._drop("verdict", "refused", str(exc), rule=verdict.rule)
-                break
-        else:
-            self._drop("verdict", "full", "the outbox stayed full", rule=verdict.rule)
+        self._store_waiting(record, rule=verdict.rule)
         if verdict.defect:
             self.defects += 1
         if self.on_verdict is not None:
@@ -174,16 +168,38 @@ class DataPlane:
             self.ingestor.publish(topic, payload)
 
     def store_event(self, topic: str, payload: bytes, ts_ms: int) -> None:
-        """Store an event (kind "event": the outbox never drops one to make room) for sync.
+        """Store an event (kind "event": the outbox never drops one to make room) for sync,
+        waiting while the outbox is full (see STORE_RETRY_S). An event the cloud would refuse
+        (RecordRefused), or still waiting at stop (OutboxFull), is dropped, counted and logged
+        here, and raised to the caller."""
+        self._store_waiting(NewRecord("event", topic, ts_ms, payload), raise_dropped=True)
 
-        Tried once, with no retry: a full outbox (OutboxFull) or a record the cloud would refuse
-        (RecordRefused) drops the event, counted and logged here, and raises to the caller.
-        """
-        try:
-            self.outbox.append([NewRecord("event", topic, ts_ms, payload)])
-        except (OutboxFull, RecordRefused) as exc:
-            self._drop("event", "full" if isinstance(exc, OutboxFull) else "refused", str(exc))
-            raise
+    def _store_waiting(
+        self, record: NewRecord, *, raise_dropped: bool = False, **where: str
+    ) -> bool:
+        """Append one verdict or event, waiting out a full outbox until stored or stopping."""
+        waited = False
+        while True:
+            try:
+                self.outbox.append([record])
+            except OutboxFull as exc:
+                if not waited:
+                    log.warning(f"{record.kind} waits for room in the outbox", error=str(exc))
+                    waited = True
+                if not self._stopping.wait(STORE_RETRY_S):
+                    continue
+                self._drop(record.kind, "full", str(exc), **where)
+                if raise_dropped:
+                    raise
+                return False
+            except RecordRefused as exc:
+                self._drop(record.kind, "refused", str(exc), **where)
+                if raise_dropped:
+                    raise
+                return False
+            if waited:
+                log.info(f"{record.kind} stored after waiting for room")
+            return True
 
     def _publish(self, topic: str, payload: bytes) -> None:
         if self.ingestor is None:

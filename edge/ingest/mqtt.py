@@ -29,6 +29,7 @@ from fieldline.edge.ingest.mqtt_client import BufferedClient, PahoClient, catch_
 from fieldline.edge.ingest.outbox import (
     REDELIVERY_WINDOW_ROWS,
     DeadLetter,
+    DiskFull,
     NewRecord,
     Outbox,
     OutboxFull,
@@ -45,6 +46,7 @@ log = structlog.get_logger(__name__)
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 FULL_RETRY_S = 0.5  # how often a blocked batch retries while the outbox is full
+WRITER_RETRY_S = 1.0  # how often a batch that failed otherwise (an I/O error) is retried
 QUEUE_POLL_S = 0.1
 
 InspectFn = Callable[[str, bytes, int], object]
@@ -295,11 +297,27 @@ class MqttIngestor:
                 if self._stop.is_set() and self._queue.empty():
                     return
                 continue
+            self._commit_until_stored(batch)
+
+    def _commit_until_stored(self, batch: list[_Message]) -> None:
+        """Commit a batch, retrying on an unexpected failure (an I/O error): dropping it would
+        leave its messages unacked in a session the broker never redelivers, so the broker's
+        window of unacked messages fills and ingestion wedges. Logged once per failure run."""
+        failing = False
+        while True:
             try:
                 self._commit(batch)
-            except Exception:  # a bug here must not stop ingestion: the batch stays unacked
+            except Exception:
                 self.metrics.errors.labels("writer").inc()
-                log.exception("mqtt batch failed; its messages stay unacked for redelivery")
+                if not failing:
+                    log.exception("mqtt batch failed; retrying it (its messages stay unacked)")
+                    failing = True
+                if self._stop.wait(WRITER_RETRY_S):
+                    return
+                continue
+            if failing:
+                log.info("mqtt batch stored after retries")
+            return
 
     @staticmethod
     def _key(m: _Message) -> str:
@@ -341,9 +359,10 @@ class MqttIngestor:
                 )
             except OutboxFull as exc:
                 # Back-pressure: hold the acks (the broker keeps the backlog); try smaller parts,
-                # then wait for sync to free room.
+                # then wait for sync (or, on a full disk, the operator) to free room.
                 if not blocked:
-                    log.warning("outbox full; holding acks", error=str(exc))
+                    what = "disk full" if isinstance(exc, DiskFull) else "outbox full"
+                    log.warning(f"{what}; holding acks", error=str(exc))
                     blocked = True
                 self.metrics.blocked.set(1)
                 self.backpressure = True
