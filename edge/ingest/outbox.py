@@ -353,9 +353,12 @@ class Outbox:
     def read_batch(self, after_seq: int, limit: int) -> list[OutboxRecord]:
         """Unsynced records with seq > after_seq, in order."""
         with self._lock:
+            # "+synced_ms": walk the primary key from after_seq; through the synced_ms index
+            # SQLite would read and sort every unsynced row for each batch (a 200,000-row
+            # backlog, 200,000 rows per batch).
             rows = self._conn.execute(
                 "SELECT seq, kind, topic, ts_ms, payload FROM records "
-                "WHERE seq > ? AND synced_ms IS NULL ORDER BY seq LIMIT ?",
+                "WHERE seq > ? AND +synced_ms IS NULL ORDER BY seq LIMIT ?",
                 (after_seq, limit),
             ).fetchall()
         return [OutboxRecord(int(s), k, t, int(ts), bytes(p)) for s, k, t, ts, p in rows]
@@ -363,9 +366,12 @@ class Outbox:
     def mark_synced(self, high_water_seq: int) -> None:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
+            # Rows at or below _synced_seq are synced already: touch only the range above it
+            # (by primary key, not by scanning the synced_ms index's every unsynced row).
             self._conn.execute(
-                "UPDATE records SET synced_ms = ? WHERE seq <= ? AND synced_ms IS NULL",
-                (_now_ms(), high_water_seq),
+                "UPDATE records SET synced_ms = ? "
+                "WHERE seq > ? AND seq <= ? AND +synced_ms IS NULL",
+                (_now_ms(), self._synced_seq, high_water_seq),
             )
             self._synced_seq = max(self._synced_seq, high_water_seq)
             self._set_counter("synced_seq", self._synced_seq)
