@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -219,3 +220,68 @@ def test_cloud_kill9_three_times_during_a_drain_exactly_once(plant) -> None:  # 
     ids = [i for i in reading_ids(fleet, node_id) if i != 1_000_000]
     assert len(ids) == 20_000, f"{len(ids) - len(set(ids))} duplicates"
     assert sorted(ids) == list(range(20_000))
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.mark.slow
+def test_a_full_disk_holds_acks_and_resumes_by_itself_when_space_returns(
+    fleet: Fleet, mosquitto: MosquittoBroker
+) -> None:
+    data = fleet.root / "edge-a"
+    try:
+        _mount_tmpfs(data, "24m")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"needs root to mount a tmpfs: {exc}")
+    total = 40_000
+    try:
+        with fleet.admin() as admin:
+            admin.apply_policy(POLICY, "line=a")
+        EDGE_ENV["FIELDLINE_MQTT__PORT"] = str(mosquitto.port)
+        fleet.enroll_edge("edge-a", {"line": "a"})
+        wait_until(lambda: fleet.node_of("edge-a")["online"], 60, "the edge online")
+        node_id = edge_status(data)["node_id"]
+        assert fleet.cloud is not None
+        fleet.cloud.kill()  # nothing syncs: the backlog fills the disk
+        pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.max_inflight_messages_set(1000)
+        pub.connect("127.0.0.1", mosquitto.port)
+        pub.loop_start()
+        pad = "p" * 900  # about 1 KB a reading: 40 MB for a 24 MiB disk
+        infos = [
+            pub.publish(READINGS, json.dumps({"id": i, "value": i * 0.1, "pad": pad}), qos=1)
+            for i in range(total)
+        ]
+        for info in infos:
+            info.wait_for_publish(120)  # the broker has them all (it holds what the edge won't)
+        log = fleet.root / "edge-a.log"
+        wait_until(lambda: "disk full; holding acks" in log.read_text(), 60, "the disk full")
+        time.sleep(5)  # full for a while: the edge stays up and logs it once
+        assert fleet.edges["edge-a"].alive()
+        text = log.read_text()
+        assert text.count("disk full; holding acks") == 1
+        assert "Traceback" not in text, text[-3000:]
+        subprocess.run(["mount", "-o", "remount,size=256m", str(data)], check=True)
+        wait_until(lambda: "acks resumed" in log.read_text(), 30, "ingestion to resume")
+        fleet.start_cloud(same_ports=True)
+        grown = time.monotonic()
+        wait_until(
+            lambda: len(reading_ids(fleet, node_id)) >= total, 60, "every reading in the cloud"
+        )
+        assert time.monotonic() - grown < 60
+        ids = reading_ids(fleet, node_id)
+        assert len(ids) == total and sorted(ids) == list(range(total))
+        pub.loop_stop()
+        pub.disconnect()
+    finally:
+        EDGE_ENV.pop("FIELDLINE_MQTT__PORT", None)
+        if "edge-a" in fleet.edges:
+            fleet.edges["edge-a"].stop()
+        subprocess.run(["umount", "-l", str(data)], check=False)
