@@ -101,7 +101,9 @@ class MqttHealth(_Part):
     # Dead-lettered because the cloud would refuse them as records (shared/limits.py).
     refused: int = Field(default=0, ge=0)
     duplicates: int = Field(default=0, ge=0)  # redeliveries acked without storing them again
-    backpressure: bool = False  # the outbox is full of verdicts and events: acks wait for sync
+    # The outbox is full (of verdicts and events, or its disk is): acks wait for room.
+    backpressure: bool = False
+    connect_failures: int = Field(default=0, ge=0)  # failed attempts to reach the broker
 
 
 class InspectionModelHealth(_Part):

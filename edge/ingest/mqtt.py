@@ -46,6 +46,7 @@ log = structlog.get_logger(__name__)
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 FULL_RETRY_S = 0.5  # how often a blocked batch retries while the outbox is full
+UNREACHABLE_LOG_S = 30.0  # "broker unreachable" at most this often while it stays away
 WRITER_RETRY_S = 1.0  # how often a batch that failed otherwise (an I/O error) is retried
 QUEUE_POLL_S = 0.1
 
@@ -159,6 +160,9 @@ class MqttIngestor:
         self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._client.on_connect = catch_log_exception(self._on_connect, count)
         self._client.on_disconnect = catch_log_exception(self._on_disconnect, count)
+        self._client.on_connect_fail = catch_log_exception(self._on_connect_fail, count)
+        self._unreachable_logged = 0.0  # monotonic time of the last "broker unreachable" line
+        self.connect_failures = 0
         self._client.on_message = catch_log_exception(self._on_message, count)
         self._client.on_subscribe = catch_log_exception(self._on_subscribe, count)
 
@@ -238,6 +242,7 @@ class MqttIngestor:
             refused=self.refused,
             duplicates=self.duplicates,
             backpressure=self.backpressure,
+            connect_failures=self.connect_failures,
         )
 
     # -- paho callbacks (on paho's thread; wrapped by catch_log_exception in __init__) ---------
@@ -257,6 +262,18 @@ class MqttIngestor:
         self.connected = False
         if not self._stop.is_set():
             log.warning("mqtt disconnected", reason=str(reason_code))
+
+    def _on_connect_fail(self, client, userdata) -> None:  # type: ignore[no-untyped-def]
+        """paho retries on its own; say so at most every UNREACHABLE_LOG_S (health says always)."""
+        self.connect_failures += 1
+        now = time.monotonic()
+        if now - self._unreachable_logged >= UNREACHABLE_LOG_S:
+            self._unreachable_logged = now
+            log.warning(
+                "mqtt broker unreachable; retrying",
+                broker=f"{self.settings.host}:{self.settings.port}",
+                failures=self.connect_failures,
+            )
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
         refused = [str(rc) for rc in reason_codes if rc.is_failure]
