@@ -105,6 +105,7 @@ class PolicyApplied(BaseModel):
 class RecordPublic(BaseModel):
     node_id: str
     epoch: int = 0
+    live: bool = False  # sent in the live lane ahead of a backlog (else backfilled in order)
     seq: int
     kind: str
     topic: str

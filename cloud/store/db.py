@@ -174,6 +174,7 @@ CREATE TABLE records_by_epoch (
     ts_ms INTEGER NOT NULL,
     payload BLOB NOT NULL,
     received_ms INTEGER NOT NULL,
+    live INTEGER NOT NULL DEFAULT 0,  -- 1: sent in the live lane ahead of a backlog
     PRIMARY KEY (node_id, epoch, seq)
 ) WITHOUT ROWID;
 INSERT INTO records_by_epoch (node_id, seq, kind, topic, ts_ms, payload, received_ms)

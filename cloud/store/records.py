@@ -22,6 +22,7 @@ class RecordRow:
     payload: bytes
     received_ms: int
     epoch: int = 0  # the edge's outbox epoch (see tunnel.proto's Hello)
+    live: bool = False  # sent in the live lane ahead of a backlog (else in sequence order)
 
 
 @dataclass(frozen=True)
@@ -49,23 +50,25 @@ def insert_batch(
     rows: list[RecordRow],
     epoch: int = 0,
     dead: list[DeadRecordRow] | None = None,
-    top_seq: int = 0,
+    live: bool = False,
 ) -> tuple[int, int]:
     """Insert (ignoring duplicates) rows and dead letters, raise the node's mark in `epoch` to
-    top_seq (or the rows' highest seq), durably; returns (new rows, mark).
+    their highest seq (not for a live batch: a backlog is still missing below it), durably;
+    returns (new rows, mark).
 
     Every row must belong to node_id (the tunnel builds them for the authenticated node).
     """
     assert all(r.node_id == node_id for r in rows)
     dead = dead or []
-    top = max([top_seq, *(r.seq for r in rows), *(d.seq for d in dead)])
+    top = 0 if live else max([0, *(r.seq for r in rows), *(d.seq for d in dead)])
     with db.write(durable=True) as d:
         conn = d.conn
         before = conn.total_changes
         conn.executemany(
-            f"INSERT OR IGNORE INTO records (epoch, {COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR IGNORE INTO records (epoch, live, {COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (epoch, r.node_id, r.seq, r.kind, r.topic, r.ts_ms, r.payload, r.received_ms)
+                (epoch, live, r.node_id, r.seq, r.kind, r.topic, r.ts_ms, r.payload, r.received_ms)
                 for r in rows
             ],
         )
@@ -166,7 +169,7 @@ def query_records(
     if after is not None:
         where.append("(node_id, epoch, seq) > (?, ?, ?)")
         args.extend(after)
-    sql = f"SELECT {COLUMNS}, epoch FROM records"
+    sql = f"SELECT {COLUMNS}, epoch, live FROM records"
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY node_id, epoch, seq LIMIT ?"

@@ -37,6 +37,7 @@ class IngestResult:
     high_water_seq: int
     stored: int
     refused: int
+    batch_top: int = 0  # the batch's highest seq (what its ack answers)
 
 
 def refusal(r: pb.Record) -> str | None:
@@ -68,7 +69,7 @@ class RecordIngestor:
             raise RecordRefused(
                 f"batch of {len(batch.records)} records exceeds the limit of {MAX_BATCH_RECORDS}"
             )
-        if any(r.seq <= 0 for r in batch.records):
+        if any(r.seq <= 0 for r in batch.records):  # never an outbox's (AUTOINCREMENT)
             raise RecordRefused("record sequence numbers start at 1")
         received = now_ms()
         rows, dead = [], []
@@ -95,9 +96,10 @@ class RecordIngestor:
                 RecordRow(node_id, r.seq, r.kind, topic, r.ts_ms, bytes(r.payload), received)
             )
         inserted, high = record_store.insert_batch(
-            self.db, node_id=node_id, rows=rows, epoch=batch.epoch, dead=dead
+            self.db, node_id=node_id, rows=rows, epoch=batch.epoch, dead=dead, live=batch.live
         )
         self.metrics.records.inc(inserted)
         if dead:
             self.metrics.records_refused.inc(len(dead))
-        return IngestResult(high, inserted, len(dead))
+        top = max((r.seq for r in batch.records), default=0)
+        return IngestResult(high, inserted, len(dead), top)

@@ -159,7 +159,10 @@ class TunnelService(pb_grpc.TunnelServicer):
         if kind == "records":
             done = await asyncio.to_thread(self.records.ingest, node_id, msg.records)
             ack = pb.RecordsAck(
-                high_water_seq=done.high_water_seq, epoch=msg.records.epoch, refused=done.refused
+                high_water_seq=done.high_water_seq,
+                epoch=msg.records.epoch,
+                refused=done.refused,
+                batch_top=done.batch_top,
             )
             return [pb.CloudMessage(records_ack=ack)]
         raise ValueError(f"unknown message {kind!r}")

@@ -61,10 +61,10 @@ class TunnelClient:
         self.on_connected = on_connected
         self.applied_generation = applied_generation
         # Hooks for the data plane: the outbox epoch Hello names, the cloud's record mark on
-        # each Welcome (sync restarts from it), and each RecordsAck's (mark, epoch).
+        # each Welcome (sync restarts from it), and each RecordsAck's (mark, epoch, batch top).
         self.records_epoch: Callable[[], int] = lambda: 0
         self.on_records_welcome: Callable[[int], Awaitable[None]] | None = None
-        self.on_records_ack: Callable[[int, int], Awaitable[None]] | None = None
+        self.on_records_ack: Callable[[int, int, int], Awaitable[None]] | None = None
         self.connected = False
         self.last_rtt_ms: float | None = None
         self._backoff = Backoff(settings.reconnect)
@@ -191,7 +191,7 @@ class TunnelClient:
                     self.last_rtt_ms = monotonic_ms() - sent
             elif kind == "records_ack" and self.on_records_ack is not None:
                 ack = msg.records_ack
-                await self.on_records_ack(ack.high_water_seq, ack.epoch)
+                await self.on_records_ack(ack.high_water_seq, ack.epoch, ack.batch_top)
 
     def health(self) -> TunnelHealth:
         """Whether a stream is up, and the last heartbeat's round trip."""

@@ -67,7 +67,13 @@ class DataPlane:
                 registry=self.registry,
             )
         self._stopping = threading.Event()
-        self.sync = OutboxSync(self.outbox, send, self.retention, epoch=self._outbox_epoch())
+        self.sync = OutboxSync(
+            self.outbox,
+            send,
+            self.retention,
+            epoch=self._outbox_epoch(),
+            backfill_rate=lambda: self.policy.sync_backfill_records_per_s,
+        )
         self.verdicts_published = 0
         self.defects = 0
         self.verdicts_dropped = 0
@@ -231,8 +237,8 @@ class DataPlane:
     async def on_records_welcome(self, synced_seq: int) -> None:
         await self.sync.on_welcome(synced_seq)
 
-    async def on_records_ack(self, high_water_seq: int, epoch: int) -> None:
-        await self.sync.on_ack(high_water_seq, epoch)
+    async def on_records_ack(self, high_water_seq: int, epoch: int, top: int) -> None:
+        await self.sync.on_ack(high_water_seq, epoch, top)
 
     def health(self) -> DataPlaneHealth:
         """Outbox, MQTT and per-model inspection health, and what was published or dropped."""

@@ -350,16 +350,18 @@ class Outbox:
             dropped += len(take)
         return dropped
 
-    def read_batch(self, after_seq: int, limit: int) -> list[OutboxRecord]:
-        """Unsynced records with seq > after_seq, in order."""
+    def read_batch(
+        self, after_seq: int, limit: int, upto_seq: int | None = None
+    ) -> list[OutboxRecord]:
+        """Unsynced records with after_seq < seq (<= upto_seq), in order."""
         with self._lock:
             # "+synced_ms": walk the primary key from after_seq; through the synced_ms index
             # SQLite would read and sort every unsynced row for each batch (a 200,000-row
             # backlog, 200,000 rows per batch).
             rows = self._conn.execute(
                 "SELECT seq, kind, topic, ts_ms, payload FROM records "
-                "WHERE seq > ? AND +synced_ms IS NULL ORDER BY seq LIMIT ?",
-                (after_seq, limit),
+                "WHERE seq > ? AND seq <= ? AND +synced_ms IS NULL ORDER BY seq LIMIT ?",
+                (after_seq, upto_seq if upto_seq is not None else 2**63 - 1, limit),
             ).fetchall()
         return [OutboxRecord(int(s), k, t, int(ts), bytes(p)) for s, k, t, ts, p in rows]
 
@@ -376,6 +378,25 @@ class Outbox:
             self._synced_seq = max(self._synced_seq, high_water_seq)
             self._set_counter("synced_seq", self._synced_seq)
             self._conn.execute("COMMIT")
+
+    def mark_range_synced(self, first_seq: int, last_seq: int) -> None:
+        """A live-lane batch was acked: its rows (every unsynced one in the range) are synced;
+        the synced mark stays where the backlog below them is."""
+        with self._lock:
+            self._conn.execute(
+                "UPDATE records SET synced_ms = ? "
+                "WHERE seq >= ? AND seq <= ? AND +synced_ms IS NULL",
+                (_now_ms(), first_seq, last_seq),
+            )
+
+    def backlog(self) -> tuple[int, int]:
+        """(unsynced rows, the newest seq): how far behind sync is."""
+        with self._lock:
+            (unsynced,) = self._conn.execute(
+                "SELECT COUNT(*) FROM records WHERE synced_ms IS NULL"
+            ).fetchone()
+            (last,) = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()
+        return int(unsynced), int(last)
 
     def unsync_above(self, seq: int) -> tuple[int, int]:
         """The cloud's mark went back to seq: rows above it are unsynced again, to be resent.

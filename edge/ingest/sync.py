@@ -1,20 +1,28 @@
-"""Sync back: outbox batches over the tunnel, a window of them in flight, acked cumulatively.
+"""Sync back: outbox batches over the tunnel, a window of them in flight, live records first.
 
 The cloud stores or refuses each record on its own (a refused one is a dead letter there) and
-acks a high-water mark per outbox epoch; rows at or below it are marked synced here and pruned
-by the retention policy. Every (re)connect's Welcome carries the cloud's mark and sending
-restarts from it at once, whatever was in flight on the dead stream; when that mark is below
-what this outbox thought synced (a cloud restored from a backup), the rows above it are unsynced
-and sent again. A window that gets no ack for ACK_TIMEOUT_S is counted (unacked_batches) and
-sent again from the acked mark on the next run; batches stay within shared/limits.py's bounds.
+answers every batch, in order, with its high-water mark for the outbox epoch; rows at or below
+it are marked synced here and pruned by the retention policy. Every (re)connect's Welcome
+carries the cloud's mark and sending restarts from it at once, whatever was in flight on the
+dead stream; when that mark is below what this outbox thought synced (a cloud restored from a
+backup), the rows above it are unsynced and sent again. A window that gets no ack for
+ACK_TIMEOUT_S is counted (unacked_batches) and sent again from the mark on the next run.
+
+Live first: a drain that starts more than LIVE_SPLIT_ROWS behind splits the outbox at its newest
+seq. What arrives after the split goes at once in the live lane (the cloud stores it, marked
+live, without raising its mark past the backlog below); the backlog drains behind it in
+sequence order, at most the policy's sync_backfill_records_per_s, and once it reaches the
+split, sync is one lane again. Batches stay within shared/limits.py's bounds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -30,12 +38,14 @@ assert BATCH_RECORDS <= MAX_BATCH_RECORDS
 WINDOW_BATCHES = 8  # batches in flight: 16,000 records cover a 200 ms round trip at 80,000/s
 ACK_TIMEOUT_S = 30.0
 RUN_BATCHES = 50  # batches per run_once of the sync task; the outbox is pruned between runs
+LIVE_SPLIT_ROWS = 5 * BATCH_RECORDS  # this far behind, new records take the live lane
+LIVE_POLL_S = 0.1  # how often a drain looks for new live records while it waits
 
 
-def pack_batch(rows: list[OutboxRecord], epoch: int = 0) -> pb.RecordBatch:
+def pack_batch(rows: list[OutboxRecord], epoch: int = 0, live: bool = False) -> pb.RecordBatch:
     """The rows from the first on, as many as fit in MAX_BATCH_PAYLOAD_BYTES (at least one: the
     outbox holds no record over MAX_RECORD_PAYLOAD_BYTES, which is no more than the batch bound)."""
-    batch = pb.RecordBatch(epoch=epoch)
+    batch = pb.RecordBatch(epoch=epoch, live=live)
     size = 0
     for r in rows:
         if batch.records and size + len(r.payload) > MAX_BATCH_PAYLOAD_BYTES:
@@ -43,6 +53,24 @@ def pack_batch(rows: list[OutboxRecord], epoch: int = 0) -> pb.RecordBatch:
         batch.records.add(seq=r.seq, kind=r.kind, topic=r.topic, ts_ms=r.ts_ms, payload=r.payload)
         size += len(r.payload)
     return batch
+
+
+@dataclass(frozen=True)
+class _Sent:
+    first: int
+    top: int
+    records: int
+    live: bool
+
+
+@dataclass
+class _Lanes:
+    """A drain split at `split`: live_cursor walks above it, backfill_cursor below it."""
+
+    split: int
+    live_cursor: int
+    backfill_cursor: int
+    backfill_done: bool = False  # nothing left unsynced at or below the split
 
 
 class OutboxSync:
@@ -57,6 +85,8 @@ class OutboxSync:
         *,
         epoch: int = 0,
         window: int = WINDOW_BATCHES,
+        backfill_rate: Callable[[], float] = lambda: 0.0,
+        live_lane: bool = True,
     ):
         assert window >= 1
         self.outbox = outbox
@@ -64,17 +94,29 @@ class OutboxSync:
         self.retention = retention
         self.epoch = epoch
         self.window = window
+        self.backfill_rate = backfill_rate  # records/s, 0: unlimited
+        self.live_lane = live_lane
         self.acked_seq = 0
         self.unacked_batches = 0  # windows sent but not acked in time (lost with the stream)
         self.resent_rows = 0  # rows unsynced again because the cloud's mark went back
+        self.live_records = 0  # sent in the live lane ahead of a backlog
+        self._acks: deque[tuple[int, int]] = deque()  # (mark, batch top) not yet handled
         self._changed = asyncio.Event()  # an ack or a Welcome arrived
         self._restart = False  # a Welcome arrived: resend from its mark
+        self._lanes: _Lanes | None = None
+        self._tokens = 0.0
+        self._tokens_at = time.monotonic()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
 
     def kick(self) -> None:
         """Start a drain now instead of at the next interval."""
         self._wake.set()
+
+    @property
+    def behind(self) -> bool:
+        """A backlog drains behind a live lane now."""
+        return self._lanes is not None
 
     async def on_welcome(self, synced_seq: int) -> None:
         """A (re)connected stream: the cloud's mark for this epoch; resend from there at once."""
@@ -90,20 +132,20 @@ class OutboxSync:
                 pruned_gap=gap,
             )
         self.acked_seq = synced_seq
+        self._acks.clear()
         self._restart = True
         self._changed.set()
         self._wake.set()
         if synced_seq > ours:
             await asyncio.to_thread(self.outbox.mark_synced, synced_seq)
 
-    async def on_ack(self, high_water_seq: int, epoch: int | None = None) -> None:
-        """A RecordsAck: the cloud has everything up to high_water_seq (stored or refused)."""
+    async def on_ack(self, high_water_seq: int, epoch: int | None = None, top: int = 0) -> None:
+        """A RecordsAck: the cloud has everything up to high_water_seq (stored or refused) and
+        the batch whose highest seq is `top`."""
         if epoch is not None and epoch != self.epoch:
             return  # a late ack for another sequence space
-        if high_water_seq > self.acked_seq:
-            self.acked_seq = high_water_seq
-            self._changed.set()
-            await asyncio.to_thread(self.outbox.mark_synced, high_water_seq)
+        self._acks.append((high_water_seq, top))
+        self._changed.set()
 
     async def run(self, interval: Callable[[], float]) -> None:
         """The sync task: drain whenever kicked or connected, else every interval() seconds."""
@@ -112,7 +154,7 @@ class OutboxSync:
                 await asyncio.wait_for(self._wake.wait(), interval())
             self._wake.clear()
             try:
-                while await self.run_once(RUN_BATCHES) > 0:
+                while await self.run_once(RUN_BATCHES) > 0 or self.behind:
                     pass
             except Exception:  # the task must outlive a failed drain; the next one retries
                 log.exception("sync run failed")
@@ -126,42 +168,137 @@ class OutboxSync:
                 await asyncio.to_thread(self.outbox.prune, self.retention())
             return acked
 
+    async def _split_if_behind(self) -> None:
+        if not self.live_lane or self._lanes is not None:
+            return
+        unsynced, last = await asyncio.to_thread(self.outbox.backlog)
+        if unsynced > LIVE_SPLIT_ROWS:
+            self._lanes = _Lanes(split=last, live_cursor=last, backfill_cursor=self.acked_seq)
+            self._tokens, self._tokens_at = 0.0, time.monotonic()
+            log.info("sync behind: new records go first", backlog=unsynced, split=last)
+
+    def _backfill_allowed(self) -> bool:
+        """The backfill lane's token bucket (a second's worth at most) has a batch's worth."""
+        rate = self.backfill_rate()
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        self._tokens = min(max(rate, BATCH_RECORDS), self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        return self._tokens >= min(BATCH_RECORDS, rate)
+
+    async def _next_batch(self, cursor: int) -> pb.RecordBatch | None:
+        """The next batch to send: live above the split, then backfill within its rate, or the
+        next in sequence order when not behind."""
+        lanes = self._lanes
+        if lanes is None:
+            rows = await asyncio.to_thread(self.outbox.read_batch, cursor, BATCH_RECORDS)
+            return pack_batch(rows, self.epoch) if rows else None
+        rows = await asyncio.to_thread(self.outbox.read_batch, lanes.live_cursor, BATCH_RECORDS)
+        if rows:
+            return pack_batch(rows, self.epoch, live=True)
+        if not self._backfill_allowed():
+            return None
+        rows = await asyncio.to_thread(
+            self.outbox.read_batch, lanes.backfill_cursor, BATCH_RECORDS, lanes.split
+        )
+        if rows:
+            batch = pack_batch(rows, self.epoch)
+            if self.backfill_rate() > 0:
+                self._tokens -= len(batch.records)
+            return batch
+        lanes.backfill_done = True
+        return None
+
     async def _drain(self, max_batches: int) -> int:
-        inflight: deque[tuple[int, int]] = deque()  # (top seq, records) per batch in flight
+        inflight: deque[_Sent] = deque()
         cursor = self.acked_seq
         self._restart = False
+        await self._split_if_behind()
         acked = sent = 0
         down = False
+        oldest_sent = time.monotonic()
         while True:
             while not down and len(inflight) < self.window and sent < max_batches:
-                rows = await asyncio.to_thread(self.outbox.read_batch, cursor, BATCH_RECORDS)
-                if not rows:
+                batch = await self._next_batch(cursor)
+                if batch is None:
                     break
-                batch = pack_batch(rows, self.epoch)
                 if not self.send(pb.EdgeMessage(records=batch)):
                     down = True  # no stream now: wait for what is in flight, or a reconnect
                     break
-                cursor = batch.records[-1].seq
-                inflight.append((cursor, len(batch.records)))
+                first, top = batch.records[0].seq, batch.records[-1].seq
+                if not inflight:
+                    oldest_sent = time.monotonic()
+                inflight.append(_Sent(first, top, len(batch.records), batch.live))
                 sent += 1
-            while inflight and inflight[0][0] <= self.acked_seq:
-                acked += inflight.popleft()[1]
+                if batch.live:
+                    assert self._lanes is not None
+                    self._lanes.live_cursor = top
+                    self.live_records += len(batch.records)
+                elif self._lanes is not None:
+                    self._lanes.backfill_cursor = top
+                else:
+                    cursor = top
+            took = await self._take_acks(inflight)
+            if took:
+                acked += took
+                oldest_sent = time.monotonic()  # progress: the ack clock starts again
             if self._restart:  # a new stream: what was in flight died with the old one
                 self._restart, down = False, False
                 inflight.clear()
+                self._lanes = None
                 cursor = self.acked_seq
+                await self._split_if_behind()
+                continue
+            if self._lanes is not None and self._caught_up(inflight):
+                # In sequence order from above the live lane: the cloud takes this stream's
+                # batches in order, so the live ones still in flight land before the next.
+                log.info("sync caught up: one lane again", mark=self.acked_seq)
+                cursor, self._lanes = self._lanes.live_cursor, None
                 continue
             if not inflight:
-                if down or sent >= max_batches:
+                if down:
+                    self._lanes = None  # split again on the next Welcome
                     return acked
-                rows_left = await asyncio.to_thread(self.outbox.read_batch, cursor, 1)
-                if not rows_left:
+                if sent >= max_batches:
+                    return acked
+                if self._lanes is not None:  # backfill waits for its rate; live may come
+                    await asyncio.sleep(LIVE_POLL_S)
+                    continue
+                if not await asyncio.to_thread(self.outbox.read_batch, cursor, 1):
                     return acked
                 continue
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), ACK_TIMEOUT_S)
-            except TimeoutError:
+            if time.monotonic() - oldest_sent > ACK_TIMEOUT_S:
                 self.unacked_batches += 1
-                log.warning("no ack for record batches", top=inflight[-1][0], batches=len(inflight))
+                log.warning(
+                    "no ack for record batches", top=inflight[-1].top, batches=len(inflight)
+                )
+                self._lanes = None
                 return acked
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                wait_s = LIVE_POLL_S if self._lanes is not None else ACK_TIMEOUT_S
+                await asyncio.wait_for(self._changed.wait(), wait_s)
+
+    def _caught_up(self, inflight: deque[_Sent]) -> bool:
+        """The backlog at or below the split is all sent and acked."""
+        lanes = self._lanes
+        assert lanes is not None
+        return lanes.backfill_done and not any(not s.live for s in inflight)
+
+    async def _take_acks(self, inflight: deque[_Sent]) -> int:
+        """Match the acks that arrived to the batches in flight (one each, in order), mark their
+        rows synced; returns the records acked."""
+        acked = 0
+        while self._acks and inflight:
+            mark, top = self._acks.popleft()
+            done = inflight.popleft()
+            if top and top != done.top:  # one stream, in order: never expected
+                log.error("record ack for another batch", ack_top=top, sent_top=done.top)
+            acked += done.records
+            if done.live:
+                await asyncio.to_thread(self.outbox.mark_range_synced, done.first, done.top)
+            if mark > self.acked_seq:
+                self.acked_seq = mark
+                await asyncio.to_thread(self.outbox.mark_synced, mark)
+        return acked

@@ -43,6 +43,7 @@ def _public(r: record_store.RecordRow) -> RecordPublic:
     return RecordPublic(
         node_id=r.node_id,
         epoch=r.epoch,
+        live=bool(r.live),
         seq=r.seq,
         kind=r.kind,
         topic=r.topic,

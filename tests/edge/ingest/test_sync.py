@@ -249,3 +249,36 @@ def test_a_reconnect_resends_at_once_from_the_cloud_mark(
                 proxy.stop()
 
     asyncio.run(run())
+
+
+def test_after_an_outage_new_records_go_first_and_the_backlog_drains_behind(
+    tmp_path: Path,
+) -> None:
+    async def run() -> None:
+        async with linked(tmp_path) as link:
+            link.outbox.commit_batch(readings(30_000))  # the backlog of an outage
+            link.sync.backfill_rate = lambda: 10_000.0  # 3 s of backfill
+            drain = asyncio.create_task(link.sync.run_once(max_batches=1000))
+            await asyncio.sleep(0.5)
+            stored_at = asyncio.get_running_loop().time()
+            (seq,) = await asyncio.to_thread(
+                link.outbox.commit_batch, [NewRecord("verdict", "plant/v", 1, b'{"ok": 1}')]
+            )
+            page: dict = {}
+            while not page.get("records"):
+                page = await link.cloud.api("records", node=link.node_id, kind="verdict")
+            latency = asyncio.get_running_loop().time() - stored_at
+            assert page["records"][0]["seq"] == seq and page["records"][0]["live"]
+            backlog_then = link.outbox.stats().unsynced
+            assert backlog_then > 10_000, "the verdict did not wait for the backlog"
+            assert latency < 1.5
+            assert await drain == 30_001
+            assert await cloud_seqs(link) == list(range(1, 30_002))
+            assert link.sync.live_records == 1 and not link.sync.behind
+            # The cloud's mark passes the live record with the next batch in sequence order.
+            link.outbox.commit_batch(readings(1))
+            assert await link.sync.run_once() == 1
+            node = await link.cloud.api("get_node", link.node_id)
+            assert node["synced_seq"] == 30_002
+
+    asyncio.run(run())
