@@ -8,7 +8,9 @@ Prints JSON lines (see DESIGN.md, Benchmark output):
 - sync_rate_rtt200: the same through a TCP proxy adding 100 ms each way (harness TcpProxy),
   baseline: stop-and-wait (one 2,000-record batch in flight), measured the same way;
 - wire_bytes_per_record: bytes on the wire edge -> cloud per record in that run, gzip against
-  no compression (smaller is better; speedup = without / with).
+  no compression (smaller is better; speedup = without / with);
+- live_verdict_p95: store-to-cloud latency of verdicts stored (20/s) while a 200,000-record
+  backlog drains, live lane first, baseline: the sequence-order drain in the same run.
 
 `--client paho` ingests with paho's public API (edge/ingest/mqtt_client.py PahoClient) instead
 of the BufferedClient subclass, the comparison that module's docstring cites.
@@ -18,14 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PUBLISH_WINDOW = 5000
 INGEST_TIMEOUT_S = 180.0
@@ -154,6 +158,7 @@ def reading(i: int) -> bytes:
 class SyncRun:
     rate: float  # records/s
     wire_bytes: int  # edge -> cloud through the proxy (0 without one)
+    verdict_ms: list[int] = field(default_factory=list)  # store-to-cloud latency of live verdicts
 
 
 async def _sync_rate(
@@ -164,9 +169,12 @@ async def _sync_rate(
     window: int = 8,
     delay_s: float = 0.0,
     gzip: bool = True,
+    verdicts_per_s: float = 0.0,
+    live_lane: bool = True,
 ) -> SyncRun:
     """Ship n outbox records into a cloud over a real gRPC tunnel, through a TCP proxy that adds
-    delay_s each way when given (it also counts the bytes)."""
+    delay_s each way when given (it also counts the bytes). With verdicts_per_s, verdicts are
+    stored while the backlog drains and their store-to-cloud latencies returned."""
     import grpc
 
     import fieldline.edge.ingest.sync as sync_mod
@@ -201,7 +209,13 @@ async def _sync_rate(
                 ]
             )
         out: asyncio.Queue[pb.EdgeMessage] = asyncio.Queue()
-        sync = OutboxSync(outbox, lambda m: out.put_nowait(m) is None, Retention, window=window)
+        sync = OutboxSync(
+            outbox,
+            lambda m: out.put_nowait(m) is None,
+            Retention,
+            window=window,
+            live_lane=live_lane,
+        )
 
         async def requests():  # type: ignore[no-untyped-def]
             yield pb.EdgeMessage(hello=pb.Hello(node_info_json="{}"))
@@ -221,20 +235,58 @@ async def _sync_rate(
         sync_mod.BATCH_RECORDS = batch
         await asyncio.sleep(0.3 + 4 * delay_s)
         wire0 = proxy.bytes_up if proxy else 0
+        backlog_done = asyncio.Event()
+        producer = None
+        if verdicts_per_s:
+            producer = asyncio.create_task(_live_verdicts(outbox, verdicts_per_s, backlog_done))
         t0 = time.perf_counter()
         while outbox.stats().unsynced:
             await sync.run_once(max_batches=10_000)
+            if await asyncio.to_thread(_backlog_synced, outbox, n):
+                backlog_done.set()
         elapsed = time.perf_counter() - t0
+        if producer is not None:
+            backlog_done.set()
+            await producer
+            while outbox.stats().unsynced:
+                await sync.run_once()
         wire = (proxy.bytes_up - wire0) if proxy else 0
         reader.cancel()
         call.cancel()
     if proxy is not None:
         proxy.stop()
     stored = record_store.count_records(server.ctx.db, node_id=enrolled.node_id)
+    verdicts = [
+        r.received_ms - r.ts_ms
+        for r in record_store.query_records(
+            server.ctx.db, node_id=enrolled.node_id, kind="verdict", limit=100_000
+        )
+    ]
     await server.stop()
     outbox.close()
-    assert stored == n, (stored, n)
-    return SyncRun(n / elapsed, wire)
+    assert stored == n + len(verdicts), (stored, n)
+    return SyncRun(n / elapsed, wire, verdicts)
+
+
+async def _live_verdicts(outbox: Any, per_s: float, done: asyncio.Event) -> None:
+    """Store a verdict every 1/per_s seconds, stamped with the wall clock, until done."""
+    from fieldline.edge.ingest.outbox import NewRecord
+
+    while not done.is_set():
+        now = time.time_ns() // 1_000_000
+        record = NewRecord("verdict", "plant1/line-a/verdicts", now, b'{"defect": false}')
+        await asyncio.to_thread(outbox.append, [record])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 1 / per_s)
+
+
+def _backlog_synced(outbox: Any, n: int) -> bool:
+    """Every telemetry record of the backlog is synced."""
+    with outbox._lock:  # the bench reads the outbox's own file; no API for this count
+        (left,) = outbox._conn.execute(
+            "SELECT COUNT(*) FROM records WHERE synced_ms IS NULL AND kind = 'telemetry'"
+        ).fetchone()
+    return int(left) == 0
 
 
 def _mkdir(p: Path) -> Path:
@@ -252,6 +304,7 @@ def main() -> None:
     ap.add_argument("--rtt-ms", type=int, default=200, help="round trip the proxy makes")
     ap.add_argument("--rtt-records", type=int, default=100_000)
     ap.add_argument("--window", type=int, default=8, help="batches in flight")
+    ap.add_argument("--backlog-records", type=int, default=200_000, help="for live_verdict_p95")
     args = ap.parse_args()
     from fieldline.shared.logs import configure_logging
 
@@ -308,6 +361,7 @@ def main() -> None:
             baseline_desc="one record per batch, ack awaited each time",
         )
         rtt_runs(args, work)
+        live_runs(args, work)
 
 
 def emit(metric: str, unit: str, value: float, baseline: float, **conditions: object) -> None:
@@ -323,6 +377,38 @@ def emit(metric: str, unit: str, value: float, baseline: float, **conditions: ob
         **conditions,
     }
     print(json.dumps(line), flush=True)
+
+
+def live_runs(args: argparse.Namespace, work: Path) -> None:
+    """live_verdict_p95: verdicts stored while a backlog drains, live lane against the
+    sequence-order drain."""
+    from fieldline.shared.health import percentile
+
+    n, per_s = args.backlog_records, 20.0
+    runs = {}
+    for lane in (False, True):
+        log(f"live verdicts during a {n}-record backlog, live lane {'on' if lane else 'off'}")
+        run = asyncio.run(
+            _sync_rate(n, 2000, _mkdir(work / f"live-{lane}"), verdicts_per_s=per_s, live_lane=lane)
+        )
+        runs[lane] = run
+    p95 = {
+        lane: percentile([float(v) for v in r.verdict_ms], 0.95) or 0.0 for lane, r in runs.items()
+    }
+    emit(
+        "live_verdict_p95",
+        "ms",
+        p95[True],
+        p95[False],
+        backlog_records=n,
+        verdicts=len(runs[True].verdict_ms),
+        baseline_verdicts=len(runs[False].verdict_ms),
+        verdicts_per_s=per_s,
+        backlog_drain_rate=round(runs[True].rate, 1),
+        baseline_drain_rate=round(runs[False].rate, 1),
+        transport="grpc.aio loopback, gzip, window 8",
+        baseline_desc="sequence-order drain: verdicts wait behind the backlog",
+    )
 
 
 def rtt_runs(args: argparse.Namespace, work: Path) -> None:
