@@ -135,6 +135,10 @@ class DataPlaneHealth(_Part):
     events_dropped: int = Field(default=0, ge=0)
     # Record batches the cloud did not ack in time (sent again from its mark on the next run).
     sync_unacked_batches: int = Field(default=0, ge=0)
+    # Rows still to sync behind the live lane (0 when sync keeps up), and how old the oldest
+    # record not yet in the cloud is, backlog aside (None: everything new is in the cloud).
+    sync_backlog: int = Field(default=0, ge=0)
+    sync_live_lag_ms: float | None = Field(default=None, ge=0)
 
 
 class EngineConfigReport(_Part):

@@ -62,6 +62,10 @@ class NodePublic(BaseModel):
     health_at: datetime | None = None  # when that heartbeat arrived
     node_info: NodeInfo = Field(default_factory=NodeInfo)
     synced_seq: int = 0
+    # From the latest health: rows still to sync behind the live lane, and the age of the
+    # oldest record not yet in the cloud above them (None: none, or no health yet).
+    sync_backlog: int = 0
+    sync_live_lag_ms: float | None = None
     revoked_at: datetime | None = None  # a revoked node can no longer connect
     tls: bool = False  # it holds a client certificate issued at enrollment
 

@@ -241,7 +241,9 @@ class DataPlane:
         await self.sync.on_ack(high_water_seq, epoch, top)
 
     def health(self) -> DataPlaneHealth:
-        """Outbox, MQTT and per-model inspection health, and what was published or dropped."""
+        """Outbox, MQTT and per-model inspection health, what was published or dropped, and
+        how far sync is behind."""
+        backlog, live_lag = self.sync.lag()
         return DataPlaneHealth(
             outbox=self.outbox.stats(),
             mqtt=self.ingestor.health() if self.ingestor is not None else MqttHealth(),
@@ -251,4 +253,6 @@ class DataPlane:
             verdicts_dropped=self.verdicts_dropped,
             events_dropped=self.events_dropped,
             sync_unacked_batches=self.sync.unacked_batches,
+            sync_backlog=backlog,
+            sync_live_lag_ms=live_lag,
         )

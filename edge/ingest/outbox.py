@@ -389,6 +389,15 @@ class Outbox:
                 (_now_ms(), first_seq, last_seq),
             )
 
+    def oldest_unsynced_ts(self, after_seq: int) -> int | None:
+        """ts_ms of the first unsynced record above after_seq (None when there is none)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT ts_ms FROM records WHERE seq > ? AND +synced_ms IS NULL ORDER BY seq LIMIT 1",
+                (after_seq,),
+            ).fetchone()
+        return int(row[0]) if row else None
+
     def backlog(self) -> tuple[int, int]:
         """(unsynced rows, the newest seq): how far behind sync is."""
         with self._lock:

@@ -118,6 +118,18 @@ class OutboxSync:
         """A backlog drains behind a live lane now."""
         return self._lanes is not None
 
+    def lag(self) -> tuple[int, float | None]:
+        """(backlog rows behind the live lane, age in ms of the oldest record not yet synced
+        above it); blocking (reads the outbox), for health."""
+        lanes = self._lanes
+        if lanes is None:
+            backlog, above = 0, self.acked_seq
+        else:
+            backlog = self.outbox.backlog()[0]
+            above = lanes.split
+        ts = self.outbox.oldest_unsynced_ts(above)
+        return backlog, None if ts is None else max(0.0, time.time() * 1000 - ts)
+
     async def on_welcome(self, synced_seq: int) -> None:
         """A (re)connected stream: the cloud's mark for this epoch; resend from there at once."""
         ours = self.outbox.synced_seq

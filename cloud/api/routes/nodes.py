@@ -23,6 +23,7 @@ def online(ctx: CloudContext, node: node_store.NodeRow) -> bool:
 
 def node_public(ctx: CloudContext, node: node_store.NodeRow) -> NodePublic:
     observed = node.observed
+    dp = node.health.dataplane if node.health else None
     return NodePublic(
         id=node.id,
         labels=node.labels,
@@ -38,6 +39,8 @@ def node_public(ctx: CloudContext, node: node_store.NodeRow) -> NodePublic:
         health_at=node.health_at,
         node_info=node.node_info,
         synced_seq=node.synced_seq,
+        sync_backlog=dp.sync_backlog if dp else 0,
+        sync_live_lag_ms=dp.sync_live_lag_ms if dp else None,
         revoked_at=node.revoked_at,
         tls=node.cert_sha256 is not None,
     )

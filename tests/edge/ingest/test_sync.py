@@ -271,10 +271,14 @@ def test_after_an_outage_new_records_go_first_and_the_backlog_drains_behind(
             assert page["records"][0]["seq"] == seq and page["records"][0]["live"]
             backlog_then = link.outbox.stats().unsynced
             assert backlog_then > 10_000, "the verdict did not wait for the backlog"
+            # What the heartbeat reports (DataPlaneHealth.sync_backlog, sync_live_lag_ms).
+            backlog, live_lag = await asyncio.to_thread(link.sync.lag)
+            assert backlog > 5_000 and live_lag is None  # the new one is in, the backlog not
             assert latency < 1.5
             assert await drain == 30_001
             assert await cloud_seqs(link) == list(range(1, 30_002))
             assert link.sync.live_records == 1 and not link.sync.behind
+            assert await asyncio.to_thread(link.sync.lag) == (0, None)
             # The cloud's mark passes the live record with the next batch in sequence order.
             link.outbox.commit_batch(readings(1))
             assert await link.sync.run_once() == 1
