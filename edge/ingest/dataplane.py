@@ -220,12 +220,15 @@ class DataPlane:
         next epoch after the last one edge.db knows, so its sequences, starting at 1 again, are
         new records to the cloud; an outbox from before epochs keeps 0."""
         known = int(self.store.get_meta(EPOCH_META) or 0)
-        if self.outbox.created:
-            epoch = known + 1
-            self.outbox.start_epoch(epoch)
-            log.info("new outbox: a new record sequence space", epoch=epoch)
-        else:
+        if self.outbox.has_epoch():
             epoch = self.outbox.epoch
+        else:
+            # Unnumbered: new (or left empty by a crash at its creation), or an outbox from
+            # before epochs on a node that never had one, which keeps 0 (its cloud records do).
+            epoch = 0 if (not self.outbox.created and known == 0) else known + 1
+            self.outbox.start_epoch(epoch)
+            if epoch:
+                log.info("new outbox: a new record sequence space", epoch=epoch)
         if epoch > known:
             self.store.set_meta(**{EPOCH_META: str(epoch)})
         return epoch

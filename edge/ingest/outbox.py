@@ -191,6 +191,12 @@ class Outbox:
         the data plane gives a new file the next epoch of edge.db, see start_epoch)."""
         return self._counter("epoch")
 
+    def has_epoch(self) -> bool:
+        """Whether this outbox was ever numbered (an outbox from before epochs was not)."""
+        with self._lock:
+            row = self._conn.execute("SELECT 1 FROM counters WHERE name = 'epoch'").fetchone()
+        return row is not None
+
     def start_epoch(self, epoch: int) -> None:
         """Number this (new) outbox's sequence space."""
         with self._lock:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import queue
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fieldline.cli.harness.mosquitto import MosquittoBroker
 from fieldline.edge.ingest import dataplane as dataplane_module
 from fieldline.edge.ingest.dataplane import DataPlane
-from fieldline.edge.ingest.outbox import NewRecord, RecordTooLarge
+from fieldline.edge.ingest.outbox import DB_FILE, NewRecord, Outbox, RecordTooLarge
 from fieldline.edge.store import EdgeStore
 from fieldline.shared.config import EdgeSettings, MqttSettings
 from fieldline.shared.health import DataPlaneHealth
@@ -170,3 +171,30 @@ def test_verdicts_and_events_wait_for_room_and_are_never_dropped(
         if not stopped:
             plane.stop()
         store.close()
+
+
+def test_a_recreated_outbox_gets_the_next_epoch_and_an_old_one_keeps_0(tmp_path: Path) -> None:
+    def epoch_of(data: Path) -> int:
+        store = EdgeStore(data)
+        plane = DataPlane(EdgeSettings(data_dir=data), store, "node_test", lambda _m: False)
+        try:
+            return plane.sync.epoch
+        finally:
+            plane.stop()
+            store.close()
+
+    data = tmp_path / "edge"
+    assert epoch_of(data) == 1  # a fresh install
+    assert epoch_of(data) == 1  # reopened: the same sequence space
+    for suffix in ("", "-wal", "-shm"):
+        (data / f"{DB_FILE}{suffix}").unlink(missing_ok=True)
+    assert epoch_of(data) == 2  # deleted while stopped: sequences restart in a new epoch
+    # An outbox from before epochs, on a node that never had one, keeps 0 (its cloud records).
+    old = tmp_path / "old"
+    old.mkdir()
+    Outbox(old).close()
+    conn = sqlite3.connect(old / DB_FILE)
+    conn.execute("DELETE FROM counters")
+    conn.commit()
+    conn.close()
+    assert epoch_of(old) == 0
