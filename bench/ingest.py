@@ -229,7 +229,8 @@ async def _sync_rate(
         async def acks() -> None:
             async for msg in call:
                 if msg.WhichOneof("body") == "records_ack":
-                    await sync.on_ack(msg.records_ack.high_water_seq)
+                    ack = msg.records_ack
+                    await sync.on_ack(ack.high_water_seq, ack.epoch, ack.batch_id)
 
         reader = asyncio.create_task(acks())
         sync_mod.BATCH_RECORDS = batch

@@ -163,6 +163,7 @@ class TunnelService(pb_grpc.TunnelServicer):
                 epoch=msg.records.epoch,
                 refused=done.refused,
                 batch_top=done.batch_top,
+                batch_id=msg.records.batch_id,
             )
             return [pb.CloudMessage(records_ack=ack)]
         raise ValueError(f"unknown message {kind!r}")

@@ -61,10 +61,10 @@ class TunnelClient:
         self.on_connected = on_connected
         self.applied_generation = applied_generation
         # Hooks for the data plane: the outbox epoch Hello names, the cloud's record mark on
-        # each Welcome (sync restarts from it), and each RecordsAck's (mark, epoch, batch top).
+        # each Welcome (sync restarts from it), and each RecordsAck's (mark, epoch, batch id).
         self.records_epoch: Callable[[], int] = lambda: 0
         self.on_records_welcome: Callable[[int], Awaitable[None]] | None = None
-        self.on_records_ack: Callable[[int, int, int], Awaitable[None]] | None = None
+        self.on_records_ack: Callable[[int, int, int], Awaitable[None]] | None = None  # id
         self.connected = False
         self.last_rtt_ms: float | None = None
         self._backoff = Backoff(settings.reconnect)
@@ -175,12 +175,13 @@ class TunnelClient:
             self._heard_at = time.monotonic()
             kind = msg.WhichOneof("body")
             if kind == "welcome":
+                # Sync learns the cloud's mark before it can send on this stream.
+                if self.on_records_welcome is not None:
+                    await self.on_records_welcome(msg.welcome.synced_seq)
                 self._out = out
                 self.connected = True
                 self._backoff.reset()
                 log.info("tunnel connected", cloud=self.cloud, node=msg.welcome.node_id)
-                if self.on_records_welcome is not None:
-                    await self.on_records_welcome(msg.welcome.synced_seq)
                 if self.on_connected is not None:
                     await self.on_connected()
             elif kind == "desired":
@@ -191,7 +192,7 @@ class TunnelClient:
                     self.last_rtt_ms = monotonic_ms() - sent
             elif kind == "records_ack" and self.on_records_ack is not None:
                 ack = msg.records_ack
-                await self.on_records_ack(ack.high_water_seq, ack.epoch, ack.batch_top)
+                await self.on_records_ack(ack.high_water_seq, ack.epoch, ack.batch_id)
 
     def health(self) -> TunnelHealth:
         """Whether a stream is up, and the last heartbeat's round trip."""

@@ -240,8 +240,8 @@ class DataPlane:
     async def on_records_welcome(self, synced_seq: int) -> None:
         await self.sync.on_welcome(synced_seq)
 
-    async def on_records_ack(self, high_water_seq: int, epoch: int, top: int) -> None:
-        await self.sync.on_ack(high_water_seq, epoch, top)
+    async def on_records_ack(self, high_water_seq: int, epoch: int, batch_id: int) -> None:
+        await self.sync.on_ack(high_water_seq, epoch, batch_id)
 
     def health(self) -> DataPlaneHealth:
         """Outbox, MQTT and per-model inspection health, what was published or dropped, and

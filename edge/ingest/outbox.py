@@ -37,6 +37,7 @@ from fieldline.shared.policy import Retention
 
 DB_FILE = "outbox.db"
 DROPPABLE = "telemetry"
+KEPT_KINDS = tuple(sorted(RECORD_KINDS - {DROPPABLE}))  # verdicts and events: never dropped
 DEAD_LETTER_KEEP_BYTES = 1024  # of a dead-lettered payload, kept for diagnosis
 DEAD_LETTER_MAX_ROWS = 10_000
 PRUNE_CHUNK_ROWS = 10_000  # telemetry rows dropped per statement when the bound is passed
@@ -384,6 +385,33 @@ class Outbox:
             self._synced_seq = max(self._synced_seq, high_water_seq)
             self._set_counter("synced_seq", self._synced_seq)
             self._conn.execute("COMMIT")
+
+    def read_urgent(self, after_seq: int, upto_seq: int, limit: int) -> list[OutboxRecord]:
+        """Unsynced verdicts and events with after_seq < seq <= upto_seq, in order: what a
+        backlog sends before its telemetry."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, kind, topic, ts_ms, payload FROM records "
+                # IN, not !=: two ranges of the synced_ms index, not every unsynced row.
+                f"WHERE synced_ms IS NULL AND kind IN ({','.join('?' * len(KEPT_KINDS))}) "
+                "AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (*KEPT_KINDS, after_seq, upto_seq, limit),
+            ).fetchall()
+        return [OutboxRecord(int(s), k, t, int(ts), bytes(p)) for s, k, t, ts, p in rows]
+
+    def mark_seqs_synced(self, seqs: list[int]) -> None:
+        """These rows (acked out of sequence order) are synced; the synced mark stays."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    "UPDATE records SET synced_ms = ? WHERE seq = ?",
+                    [(_now_ms(), s) for s in seqs],
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
 
     def mark_range_synced(self, first_seq: int, last_seq: int) -> None:
         """A live-lane batch was acked: its rows (every unsynced one in the range) are synced;

@@ -10,9 +10,10 @@ ACK_TIMEOUT_S is counted (unacked_batches) and sent again from the mark on the n
 
 Live first: a drain that starts more than LIVE_SPLIT_ROWS behind splits the outbox at its newest
 seq. What arrives after the split goes at once in the live lane (the cloud stores it, marked
-live, without raising its mark past the backlog below); the backlog drains behind it in
-sequence order, at most the policy's sync_backfill_records_per_s, and once it reaches the
-split, sync is one lane again. Batches stay within shared/limits.py's bounds.
+live, without raising its mark past the backlog below); then the backlog's verdicts and events
+the same way; its telemetry drains behind them in sequence order, at most the policy's
+sync_backfill_records_per_s, and once it reaches the split, sync is one lane again. Batches
+stay within shared/limits.py's bounds.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class _Sent:
     top: int
     records: int
     live: bool
+    seqs: tuple[int, ...] = ()  # an urgent batch's rows (not a range: telemetry lies between)
+    batch_id: int = 0
 
 
 @dataclass
@@ -71,6 +74,8 @@ class _Lanes:
     live_cursor: int
     backfill_cursor: int
     backfill_done: bool = False  # nothing left unsynced at or below the split
+    urgent_cursor: int = 0  # verdicts and events of the backlog go before its telemetry
+    urgent_done: bool = False
 
 
 class OutboxSync:
@@ -100,7 +105,8 @@ class OutboxSync:
         self.unacked_batches = 0  # windows sent but not acked in time (lost with the stream)
         self.resent_rows = 0  # rows unsynced again because the cloud's mark went back
         self.live_records = 0  # sent in the live lane ahead of a backlog
-        self._acks: deque[tuple[int, int]] = deque()  # (mark, batch top) not yet handled
+        self._acks: deque[tuple[int, int]] = deque()  # (mark, batch id) not yet handled
+        self._batch_ids = 0
         self._changed = asyncio.Event()  # an ack or a Welcome arrived
         self._restart = False  # a Welcome arrived: resend from its mark
         self._lanes: _Lanes | None = None
@@ -145,18 +151,22 @@ class OutboxSync:
             )
         self.acked_seq = synced_seq
         self._acks.clear()
+        if synced_seq > ours:
+            await asyncio.to_thread(self.outbox.mark_synced, synced_seq)
+        # Last, with no await after it: the tunnel opens the stream for sending as this
+        # returns, before the drain it wakes runs.
         self._restart = True
         self._changed.set()
         self._wake.set()
-        if synced_seq > ours:
-            await asyncio.to_thread(self.outbox.mark_synced, synced_seq)
 
-    async def on_ack(self, high_water_seq: int, epoch: int | None = None, top: int = 0) -> None:
+    async def on_ack(
+        self, high_water_seq: int, epoch: int | None = None, batch_id: int = 0
+    ) -> None:
         """A RecordsAck: the cloud has everything up to high_water_seq (stored or refused) and
-        the batch whose highest seq is `top`."""
+        the batch numbered batch_id."""
         if epoch is not None and epoch != self.epoch:
             return  # a late ack for another sequence space
-        self._acks.append((high_water_seq, top))
+        self._acks.append((high_water_seq, batch_id))
         self._changed.set()
 
     async def run(self, interval: Callable[[], float]) -> None:
@@ -185,7 +195,12 @@ class OutboxSync:
             return
         unsynced, last = await asyncio.to_thread(self.outbox.backlog)
         if unsynced > LIVE_SPLIT_ROWS:
-            self._lanes = _Lanes(split=last, live_cursor=last, backfill_cursor=self.acked_seq)
+            self._lanes = _Lanes(
+                split=last,
+                live_cursor=last,
+                backfill_cursor=self.acked_seq,
+                urgent_cursor=self.acked_seq,
+            )
             self._tokens, self._tokens_at = 0.0, time.monotonic()
             log.info("sync behind: new records go first", backlog=unsynced, split=last)
 
@@ -209,6 +224,13 @@ class OutboxSync:
         rows = await asyncio.to_thread(self.outbox.read_batch, lanes.live_cursor, BATCH_RECORDS)
         if rows:
             return pack_batch(rows, self.epoch, live=True)
+        if not lanes.urgent_done:
+            rows = await asyncio.to_thread(
+                self.outbox.read_urgent, lanes.urgent_cursor, lanes.split, BATCH_RECORDS
+            )
+            if rows:  # sent like live ones: stored without raising the cloud's mark
+                return pack_batch(rows, self.epoch, live=True)
+            lanes.urgent_done = True
         if not self._backfill_allowed():
             return None
         rows = await asyncio.to_thread(
@@ -231,19 +253,38 @@ class OutboxSync:
         down = False
         oldest_sent = time.monotonic()
         while True:
+            if self._restart:  # a new stream: what was in flight died with the old one
+                self._restart, down = False, False
+                inflight.clear()
+                self._lanes = None
+                cursor = self.acked_seq
+                await self._split_if_behind()
+                continue
             while not down and len(inflight) < self.window and sent < max_batches:
                 batch = await self._next_batch(cursor)
-                if batch is None:
+                # A Welcome during that read: this batch is from a cursor the new stream's
+                # cloud may not have reached; sending it would let its mark jump past rows it
+                # lacks. Nothing awaits between this check and the send.
+                if batch is None or self._restart:
                     break
+                self._batch_ids += 1
+                batch.batch_id = self._batch_ids
                 if not self.send(pb.EdgeMessage(records=batch)):
                     down = True  # no stream now: wait for what is in flight, or a reconnect
                     break
                 first, top = batch.records[0].seq, batch.records[-1].seq
                 if not inflight:
                     oldest_sent = time.monotonic()
-                inflight.append(_Sent(first, top, len(batch.records), batch.live))
+                urgent = batch.live and self._lanes is not None and top <= self._lanes.split
+                seqs = tuple(r.seq for r in batch.records) if urgent else ()
+                inflight.append(
+                    _Sent(first, top, len(batch.records), batch.live, seqs, batch.batch_id)
+                )
                 sent += 1
-                if batch.live:
+                if urgent:
+                    assert self._lanes is not None
+                    self._lanes.urgent_cursor = top
+                elif batch.live:
                     assert self._lanes is not None
                     self._lanes.live_cursor = top
                     self.live_records += len(batch.records)
@@ -255,12 +296,7 @@ class OutboxSync:
             if took:
                 acked += took
                 oldest_sent = time.monotonic()  # progress: the ack clock starts again
-            if self._restart:  # a new stream: what was in flight died with the old one
-                self._restart, down = False, False
-                inflight.clear()
-                self._lanes = None
-                cursor = self.acked_seq
-                await self._split_if_behind()
+            if self._restart:
                 continue
             if self._lanes is not None and self._caught_up(inflight):
                 # In sequence order from above the live lane: the cloud takes this stream's
@@ -299,17 +335,23 @@ class OutboxSync:
         return lanes.backfill_done and not any(not s.live for s in inflight)
 
     async def _take_acks(self, inflight: deque[_Sent]) -> int:
-        """Match the acks that arrived to the batches in flight (one each, in order), mark their
-        rows synced; returns the records acked."""
+        """Match the acks that arrived to the batches in flight by batch id, mark their rows
+        synced; returns the records acked. An ack for a batch no longer in flight (sent on a
+        stream given up since, or an edge without ids) only moves the mark: always safe, the
+        cloud has everything at or below it."""
         acked = 0
-        while self._acks and inflight:
-            mark, top = self._acks.popleft()
-            done = inflight.popleft()
-            if top and top != done.top:  # one stream, in order: never expected
-                log.error("record ack for another batch", ack_top=top, sent_top=done.top)
-            acked += done.records
-            if done.live:
-                await asyncio.to_thread(self.outbox.mark_range_synced, done.first, done.top)
+        while self._acks:
+            mark, batch_id = self._acks.popleft()
+            done = next((s for s in inflight if batch_id and s.batch_id == batch_id), None)
+            if done is None and not batch_id and inflight:
+                done = inflight[0]  # a cloud that does not echo ids answers in order
+            if done is not None:
+                inflight.remove(done)
+                acked += done.records
+                if done.seqs:
+                    await asyncio.to_thread(self.outbox.mark_seqs_synced, list(done.seqs))
+                elif done.live:
+                    await asyncio.to_thread(self.outbox.mark_range_synced, done.first, done.top)
             if mark > self.acked_seq:
                 self.acked_seq = mark
                 await asyncio.to_thread(self.outbox.mark_synced, mark)

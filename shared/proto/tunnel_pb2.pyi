@@ -134,26 +134,30 @@ class Record(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., topic: _Optional[str] = ..., ts_ms: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class RecordBatch(_message.Message):
-    __slots__ = ("records", "epoch", "live")
+    __slots__ = ("records", "epoch", "live", "batch_id")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[Record]
     epoch: int
     live: bool
-    def __init__(self, records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., epoch: _Optional[int] = ..., live: _Optional[bool] = ...) -> None: ...
+    batch_id: int
+    def __init__(self, records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., epoch: _Optional[int] = ..., live: _Optional[bool] = ..., batch_id: _Optional[int] = ...) -> None: ...
 
 class RecordsAck(_message.Message):
-    __slots__ = ("high_water_seq", "epoch", "refused", "batch_top")
+    __slots__ = ("high_water_seq", "epoch", "refused", "batch_top", "batch_id")
     HIGH_WATER_SEQ_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOP_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     high_water_seq: int
     epoch: int
     refused: int
     batch_top: int
-    def __init__(self, high_water_seq: _Optional[int] = ..., epoch: _Optional[int] = ..., refused: _Optional[int] = ..., batch_top: _Optional[int] = ...) -> None: ...
+    batch_id: int
+    def __init__(self, high_water_seq: _Optional[int] = ..., epoch: _Optional[int] = ..., refused: _Optional[int] = ..., batch_top: _Optional[int] = ..., batch_id: _Optional[int] = ...) -> None: ...
 
 class FetchArtifactRequest(_message.Message):
     __slots__ = ("sha256", "offset")

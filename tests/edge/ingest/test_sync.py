@@ -286,3 +286,23 @@ def test_after_an_outage_new_records_go_first_and_the_backlog_drains_behind(
             assert node["synced_seq"] == 30_002
 
     asyncio.run(run())
+
+
+def test_a_backlog_sends_its_verdicts_before_its_telemetry(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with linked(tmp_path) as link:
+            link.outbox.commit_batch(readings(15_000))
+            (old_verdict,) = link.outbox.commit_batch([NewRecord("verdict", "plant/v", 1, b"{}")])
+            link.outbox.commit_batch(readings(15_000))
+            link.sync.backfill_rate = lambda: 5_000.0
+            drain = asyncio.create_task(link.sync.run_once(max_batches=1000))
+            page: dict = {}
+            while not page.get("records"):
+                page = await link.cloud.api("records", node=link.node_id, kind="verdict")
+            # The verdict in the middle of the backlog is in while most telemetry still waits.
+            assert page["records"][0]["seq"] == old_verdict
+            assert link.outbox.stats().unsynced > 15_000
+            assert await drain == 30_001
+            assert await cloud_seqs(link) == list(range(1, 30_002))
+
+    asyncio.run(run())
