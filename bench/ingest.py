@@ -3,8 +3,14 @@
 Prints JSON lines (see DESIGN.md, Benchmark output):
 - ingest_rate: messages/s from a publisher in another process into the outbox (acked after
   commit), baseline: the same path committing one message per transaction;
-- sync_rate: records/s shipped over a real gRPC tunnel into the cloud's SQLite store, baseline:
-  one record per batch.
+- sync_rate: records/s shipped over a real gRPC tunnel (gzip, a window of 8 batches) into the
+  cloud's SQLite store, baseline: one record per batch, stop-and-wait;
+- sync_rate_rtt200: the same through a TCP proxy adding 100 ms each way (harness TcpProxy),
+  baseline: stop-and-wait (one 2,000-record batch in flight), measured the same way;
+- wire_bytes_per_record: bytes on the wire edge -> cloud per record in that run, gzip against
+  no compression (smaller is better; speedup = without / with);
+- live_verdict_p95: store-to-cloud latency of verdicts stored (20/s) while a 200,000-record
+  backlog drains, live lane first, baseline: the sequence-order drain in the same run.
 
 `--client paho` ingests with paho's public API (edge/ingest/mqtt_client.py PahoClient) instead
 of the BufferedClient subclass, the comparison that module's docstring cites.
@@ -14,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import hashlib
 import json
 import multiprocessing as mp
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PUBLISH_WINDOW = 5000
 INGEST_TIMEOUT_S = 180.0
@@ -133,11 +143,45 @@ def ingest_rate(port: int, n: int, batch_max: int, data_dir: Path, client: str) 
     return n / elapsed
 
 
-async def _sync_rate(n: int, batch: int, work: Path) -> float:
+def reading(i: int) -> bytes:
+    """A sensor reading as plants send them: a timestamp, a value, ids and a 24-hex-digit trace
+    field that does not compress (so gzip's figure is not flattered by padding)."""
+    trace = hashlib.blake2b(i.to_bytes(8, "big"), digest_size=12).hexdigest()
+    return (
+        b'{"ts": %.3f, "value": %.3f, "id": %d, "sensor": "temp-%02d", "unit": "degC", '
+        b'"status": "ok", "trace": "%s"}'
+        % (1_700_000_000 + i / 100, 20 + (i % 997) / 100, i, i % 16, trace.encode())
+    )
+
+
+@dataclass(frozen=True)
+class SyncRun:
+    rate: float  # records/s
+    wire_bytes: int  # edge -> cloud through the proxy (0 without one)
+    verdict_ms: list[int] = field(default_factory=list)  # store-to-cloud latency of live verdicts
+
+
+async def _sync_rate(
+    n: int,
+    batch: int,
+    work: Path,
+    *,
+    window: int = 8,
+    delay_s: float = 0.0,
+    gzip: bool = True,
+    verdicts_per_s: float = 0.0,
+    live_lane: bool = True,
+) -> SyncRun:
+    """Ship n outbox records into a cloud over a real gRPC tunnel, through a TCP proxy that adds
+    delay_s each way when given (it also counts the bytes). With verdicts_per_s, verdicts are
+    stored while the backlog drains and their store-to-cloud latencies returned."""
     import grpc
 
+    import fieldline.edge.ingest.sync as sync_mod
+    from fieldline.cli.harness.tcp_proxy import TcpProxy
     from fieldline.cloud.server import CloudServer
     from fieldline.cloud.store import auth as auth_store
+    from fieldline.cloud.store import records as record_store
     from fieldline.edge.ingest.outbox import NewRecord, Outbox
     from fieldline.edge.ingest.sync import OutboxSync
     from fieldline.shared.config import CloudSettings
@@ -149,20 +193,29 @@ async def _sync_rate(n: int, batch: int, work: Path) -> float:
     await server.start()
     assert server.ctx is not None
     _, secret = auth_store.create_token(server.ctx.db, labels={}, ttl_s=60)
+    proxy = None
     target = f"127.0.0.1:{server.grpc_port}"
+    if delay_s:
+        proxy = TcpProxy(("127.0.0.1", server.grpc_port), delay_s=delay_s).start()
+        target = f"127.0.0.1:{proxy.port}"
     async with grpc.aio.insecure_channel(target) as ch:
         enrolled = await pb_grpc.EnrollmentStub(ch).Enroll(pb.EnrollRequest(token=secret))
         outbox = Outbox(_mkdir(work / "edge"), Retention(max_rows=10 * n))
-        pad = b"x" * 120
         for start in range(0, n, 10_000):
             outbox.commit_batch(
                 [
-                    NewRecord("telemetry", "bench/r", 1, b'{"id": %d, "p": "%s"}' % (i, pad))
+                    NewRecord("telemetry", "plant1/line-a/sensor/temp", 1, reading(i))
                     for i in range(start, min(n, start + 10_000))
                 ]
             )
         out: asyncio.Queue[pb.EdgeMessage] = asyncio.Queue()
-        sync = OutboxSync(outbox, lambda m: out.put_nowait(m) is None, Retention)
+        sync = OutboxSync(
+            outbox,
+            lambda m: out.put_nowait(m) is None,
+            Retention,
+            window=window,
+            live_lane=live_lane,
+        )
 
         async def requests():  # type: ignore[no-untyped-def]
             yield pb.EdgeMessage(hello=pb.Hello(node_info_json="{}"))
@@ -170,30 +223,71 @@ async def _sync_rate(n: int, batch: int, work: Path) -> float:
                 yield await out.get()
 
         md = (("authorization", f"Bearer {enrolled.node_id}.{enrolled.node_secret}"),)
-        call = pb_grpc.TunnelStub(ch).Connect(requests(), metadata=md)
+        compression = grpc.Compression.Gzip if gzip else grpc.Compression.NoCompression
+        call = pb_grpc.TunnelStub(ch).Connect(requests(), metadata=md, compression=compression)
 
         async def acks() -> None:
             async for msg in call:
                 if msg.WhichOneof("body") == "records_ack":
-                    await sync.on_ack(msg.records_ack.high_water_seq)
+                    ack = msg.records_ack
+                    await sync.on_ack(ack.high_water_seq, ack.epoch, ack.batch_id)
 
         reader = asyncio.create_task(acks())
-        import fieldline.edge.ingest.sync as sync_mod
-
         sync_mod.BATCH_RECORDS = batch
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3 + 4 * delay_s)
+        wire0 = proxy.bytes_up if proxy else 0
+        backlog_done = asyncio.Event()
+        producer = None
+        if verdicts_per_s:
+            producer = asyncio.create_task(_live_verdicts(outbox, verdicts_per_s, backlog_done))
         t0 = time.perf_counter()
         while outbox.stats().unsynced:
             await sync.run_once(max_batches=10_000)
+            if await asyncio.to_thread(_backlog_synced, outbox, n):
+                backlog_done.set()
         elapsed = time.perf_counter() - t0
+        if producer is not None:
+            backlog_done.set()
+            await producer
+            while outbox.stats().unsynced:
+                await sync.run_once()
+        wire = (proxy.bytes_up - wire0) if proxy else 0
         reader.cancel()
         call.cancel()
-    from fieldline.cloud.store import records as record_store
-
+    if proxy is not None:
+        proxy.stop()
     stored = record_store.count_records(server.ctx.db, node_id=enrolled.node_id)
+    verdicts = [
+        r.received_ms - r.ts_ms
+        for r in record_store.query_records(
+            server.ctx.db, node_id=enrolled.node_id, kind="verdict", limit=100_000
+        )
+    ]
     await server.stop()
-    assert stored == n, (stored, n)
-    return n / elapsed
+    outbox.close()
+    assert stored == n + len(verdicts), (stored, n)
+    return SyncRun(n / elapsed, wire, verdicts)
+
+
+async def _live_verdicts(outbox: Any, per_s: float, done: asyncio.Event) -> None:
+    """Store a verdict every 1/per_s seconds, stamped with the wall clock, until done."""
+    from fieldline.edge.ingest.outbox import NewRecord
+
+    while not done.is_set():
+        now = time.time_ns() // 1_000_000
+        record = NewRecord("verdict", "plant1/line-a/verdicts", now, b'{"defect": false}')
+        await asyncio.to_thread(outbox.append, [record])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 1 / per_s)
+
+
+def _backlog_synced(outbox: Any, n: int) -> bool:
+    """Every telemetry record of the backlog is synced."""
+    with outbox._lock:  # the bench reads the outbox's own file; no API for this count
+        (left,) = outbox._conn.execute(
+            "SELECT COUNT(*) FROM records WHERE synced_ms IS NULL AND kind = 'telemetry'"
+        ).fetchone()
+    return int(left) == 0
 
 
 def _mkdir(p: Path) -> Path:
@@ -208,6 +302,10 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--client", choices=["buffered", "paho"], default="buffered")
     ap.add_argument("--skip-sync", action="store_true", help="measure ingest_rate only")
+    ap.add_argument("--rtt-ms", type=int, default=200, help="round trip the proxy makes")
+    ap.add_argument("--rtt-records", type=int, default=100_000)
+    ap.add_argument("--window", type=int, default=8, help="batches in flight")
+    ap.add_argument("--backlog-records", type=int, default=200_000, help="for live_verdict_p95")
     args = ap.parse_args()
     from fieldline.shared.logs import configure_logging
 
@@ -247,26 +345,119 @@ def main() -> None:
         if args.skip_sync:
             return
         log(f"sync: baseline, {args.records // 20} records, one per batch")
-        sbase = asyncio.run(_sync_rate(args.records // 20, 1, _mkdir(work / "sync-base")))
+        sbase = asyncio.run(
+            _sync_rate(args.records // 20, 1, _mkdir(work / "sync-base"), window=1)
+        ).rate
         log(f"sync: {args.records} records, batches of 2000")
-        srate = asyncio.run(_sync_rate(args.records, 2000, _mkdir(work / "sync")))
-        print(
-            json.dumps(
-                {
-                    "bench": "ingest",
-                    "metric": "sync_rate",
-                    "unit": "records/s",
-                    "value": round(srate, 1),
-                    "baseline": round(sbase, 1),
-                    "speedup": round(srate / sbase, 2),
-                    "records": args.records,
-                    "batch_records": 2000,
-                    "transport": "grpc.aio loopback",
-                    "baseline_desc": "one record per batch, ack awaited each time",
-                }
-            ),
-            flush=True,
+        srate = asyncio.run(_sync_rate(args.records, 2000, _mkdir(work / "sync"))).rate
+        emit(
+            "sync_rate",
+            "records/s",
+            srate,
+            sbase,
+            records=args.records,
+            batch_records=2000,
+            window_batches=8,
+            transport="grpc.aio loopback, gzip",
+            baseline_desc="one record per batch, ack awaited each time",
         )
+        rtt_runs(args, work)
+        live_runs(args, work)
+
+
+def emit(metric: str, unit: str, value: float, baseline: float, **conditions: object) -> None:
+    """One JSON line; speedup > 1 is better (for a latency, baseline / value)."""
+    better = baseline / value if unit in ("ms", "bytes") else value / baseline
+    line = {
+        "bench": "ingest",
+        "metric": metric,
+        "unit": unit,
+        "value": round(value, 1),
+        "baseline": round(baseline, 1),
+        "speedup": round(better, 2),
+        **conditions,
+    }
+    print(json.dumps(line), flush=True)
+
+
+def live_runs(args: argparse.Namespace, work: Path) -> None:
+    """live_verdict_p95: verdicts stored while a backlog drains, live lane against the
+    sequence-order drain."""
+    from fieldline.shared.health import percentile
+
+    n, per_s = args.backlog_records, 20.0
+    runs = {}
+    for lane in (False, True):
+        log(f"live verdicts during a {n}-record backlog, live lane {'on' if lane else 'off'}")
+        run = asyncio.run(
+            _sync_rate(n, 2000, _mkdir(work / f"live-{lane}"), verdicts_per_s=per_s, live_lane=lane)
+        )
+        runs[lane] = run
+    p95 = {
+        lane: percentile([float(v) for v in r.verdict_ms], 0.95) or 0.0 for lane, r in runs.items()
+    }
+    emit(
+        "live_verdict_p95",
+        "ms",
+        p95[True],
+        p95[False],
+        backlog_records=n,
+        verdicts=len(runs[True].verdict_ms),
+        baseline_verdicts=len(runs[False].verdict_ms),
+        verdicts_per_s=per_s,
+        backlog_drain_rate=round(runs[True].rate, 1),
+        baseline_drain_rate=round(runs[False].rate, 1),
+        transport="grpc.aio loopback, gzip, window 8",
+        baseline_desc="sequence-order drain: verdicts wait behind the backlog",
+    )
+
+
+def rtt_runs(args: argparse.Namespace, work: Path) -> None:
+    """sync_rate_rtt200 (a window against stop-and-wait over a 200 ms round trip) and
+    wire_bytes_per_record (gzip against none), through the delaying proxy."""
+    delay = args.rtt_ms / 2000
+    n = args.rtt_records
+    log(f"sync over {args.rtt_ms} ms RTT: stop-and-wait baseline, {n // 4} records")
+    stop_wait = asyncio.run(
+        _sync_rate(n // 4, 2000, _mkdir(work / "rtt-base"), window=1, delay_s=delay)
+    )
+    log(f"sync over {args.rtt_ms} ms RTT: window of {args.window}, {n} records, gzip")
+    windowed = asyncio.run(
+        _sync_rate(n, 2000, _mkdir(work / "rtt"), window=args.window, delay_s=delay)
+    )
+    log(f"sync over {args.rtt_ms} ms RTT: window of {args.window}, {n} records, no compression")
+    plain = asyncio.run(
+        _sync_rate(
+            n, 2000, _mkdir(work / "rtt-plain"), window=args.window, delay_s=delay, gzip=False
+        )
+    )
+    emit(
+        f"sync_rate_rtt{args.rtt_ms}",
+        "records/s",
+        windowed.rate,
+        stop_wait.rate,
+        records=n,
+        baseline_records=n // 4,
+        batch_records=2000,
+        window_batches=args.window,
+        rtt_ms=args.rtt_ms,
+        transport="grpc.aio through a TCP proxy adding rtt/2 each way, gzip",
+        baseline_desc="stop-and-wait: one 2,000-record batch in flight",
+        no_compression_rate=round(plain.rate, 1),
+    )
+    per_gzip, per_plain = windowed.wire_bytes / n, plain.wire_bytes / n
+    # Smaller is better: speedup is plain / gzip, like a latency.
+    emit(
+        "wire_bytes_per_record",
+        "bytes",
+        per_gzip,
+        per_plain,
+        speedup_desc="bytes without compression / bytes with gzip",
+        records=n,
+        payload_bytes=len(reading(n // 2)),
+        compression="gzip (grpc per-message)",
+        baseline_desc="no compression",
+    )
 
 
 if __name__ == "__main__":

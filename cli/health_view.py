@@ -132,7 +132,9 @@ def dataplane_panel(dp: DataPlaneHealth) -> Panel:
         facts(
             [
                 ("outbox", f"{o.rows} rows, {o.bytes} bytes, {o.unsynced} unsynced"),
-                ("synced", f"seq {o.synced_seq} of {o.last_seq}"),
+                ("synced", f"seq {o.synced_seq} of {o.last_seq} (outbox epoch {o.epoch})"),
+                ("sync backlog", f"{dp.sync_backlog} rows behind the live lane"),
+                ("live lag", _ms(dp.sync_live_lag_ms)),
                 ("dropped", o.dropped),
                 ("dead letters", o.dead_letters),
                 (

@@ -46,6 +46,11 @@ class CloudMetrics:
             "Records stored from edges (duplicates excluded).",
             registry=r,
         )
+        self.records_refused = Counter(
+            "fieldline_cloud_records_refused",
+            "Records refused one by one and kept as dead letters (GET /v1/records?dead=true).",
+            registry=r,
+        )
         self.tunnel_errors = Counter(
             "fieldline_cloud_tunnel_errors",
             "Tunnel messages refused, by reason.",

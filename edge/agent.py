@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -39,7 +40,6 @@ log = structlog.get_logger(__name__)
 AGENT_VERSION = "0.1.0"
 EXIT_OK = 0
 EXIT_CONFIG = 2
-SYNC_TICK_S = 0.5  # how often the sync job checks whether the policy's interval has passed
 
 
 class AgentError(Exception):
@@ -71,6 +71,7 @@ class EdgeAgent:
         self.gateway: GatewayServer | None = None
         self._llm_tasks: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._health_unsaved = False  # the last heartbeat could not save health (logged once)
         self._cleanup: list[Callable[[], Awaitable[None]]] = []
         # Each part adds its health report here, keyed by its NodeHealth field (tunnel,
         # dataplane, llm, gateway); a part the node does not run has none (None in NodeHealth).
@@ -131,7 +132,10 @@ class EdgeAgent:
             raise AgentError(str(exc)) from exc
         dataplane.start()
         self._cleanup.append(self._stop_dataplane)
+        tunnel.records_epoch = lambda: dataplane.sync.epoch
+        tunnel.on_records_welcome = dataplane.on_records_welcome
         tunnel.on_records_ack = dataplane.on_records_ack
+        self._tasks.append(asyncio.create_task(dataplane.run_sync(), name="sync"))
         self.health_sources["dataplane"] = dataplane.health
         # The LLM services, then the gateway that serves them; stopped in reverse.
         self.llm = llm = LlmServices(
@@ -177,14 +181,6 @@ class EdgeAgent:
         self._cleanup.append(tunnel.stop)
 
         self.scheduler = AsyncIOScheduler()
-        self.scheduler.add_job(
-            dataplane.sync_tick,
-            "interval",
-            seconds=SYNC_TICK_S,
-            id="sync",
-            max_instances=1,
-            coalesce=True,
-        )
         self.scheduler.add_job(
             self._heartbeat,
             "interval",
@@ -299,7 +295,14 @@ class EdgeAgent:
             self.reconciler.wake()
         health = self.health()
         if self.store is not None:
-            self.store.save_health(health)
+            try:
+                self.store.save_health(health)
+            except sqlite3.OperationalError as exc:  # a full disk: the beat still goes out
+                if not self._health_unsaved:
+                    log.error("cannot save health in edge.db", error=str(exc))
+                self._health_unsaved = True
+            else:
+                self._health_unsaved = False
         if self.tunnel is not None:
             self.tunnel.heartbeat(health.model_dump_json())
 

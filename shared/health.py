@@ -88,6 +88,9 @@ class OutboxHealth(_Part):
     dead_letters: int = Field(default=0, ge=0)
     last_seq: int = Field(default=0, ge=0)
     synced_seq: int = Field(default=0, ge=0)
+    epoch: int = Field(default=0, ge=0)  # the outbox's sequence space (a new outbox.db: the next)
+    # Rows the cloud lost (its mark went back) that retention had already pruned here.
+    sync_gap: int = Field(default=0, ge=0)
 
 
 class MqttHealth(_Part):
@@ -98,7 +101,9 @@ class MqttHealth(_Part):
     # Dead-lettered because the cloud would refuse them as records (shared/limits.py).
     refused: int = Field(default=0, ge=0)
     duplicates: int = Field(default=0, ge=0)  # redeliveries acked without storing them again
-    backpressure: bool = False  # the outbox is full of verdicts and events: acks wait for sync
+    # The outbox is full (of verdicts and events, or its disk is): acks wait for room.
+    backpressure: bool = False
+    connect_failures: int = Field(default=0, ge=0)  # failed attempts to reach the broker
 
 
 class InspectionModelHealth(_Part):
@@ -130,6 +135,10 @@ class DataPlaneHealth(_Part):
     events_dropped: int = Field(default=0, ge=0)
     # Record batches the cloud did not ack in time (sent again from its mark on the next run).
     sync_unacked_batches: int = Field(default=0, ge=0)
+    # Rows still to sync behind the live lane (0 when sync keeps up), and how old the oldest
+    # record not yet in the cloud is, backlog aside (None: everything new is in the cloud).
+    sync_backlog: int = Field(default=0, ge=0)
+    sync_live_lag_ms: float | None = Field(default=None, ge=0)
 
 
 class EngineConfigReport(_Part):

@@ -246,6 +246,9 @@ class Policy(BaseModel):
     inspections: list[InspectionRule] = Field(default_factory=list, max_length=64)
     retention: Retention = Field(default_factory=Retention)
     sync_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    # After an outage new records go first (the live lane); the backlog drains behind them at
+    # most this fast (records/s; 0: as fast as the link allows).
+    sync_backfill_records_per_s: float = Field(default=0.0, ge=0)
     # Prompts the gateway's cache warms, and templates whose KV prefix it keeps warm.
     prefetch_prompts: list[str] = Field(default_factory=list, max_length=256)
     prompt_templates: list[str] = Field(default_factory=list, max_length=64)

@@ -22,6 +22,8 @@ NODE_COLUMNS = [
     ("desired_generation", "desired"),
     ("applied_generation", "applied"),
     ("active", "active"),
+    ("sync_backlog", "backlog"),
+    ("live_lag", "live lag"),
     ("last_seen", "last seen"),
 ]
 
@@ -34,6 +36,8 @@ def node_rows(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         active = n.get("active") or {}
         if isinstance(active, dict):
             row["active"] = ", ".join(f"{k}@{v}" for k, v in active.items())
+        lag = n.get("sync_live_lag_ms")
+        row["live_lag"] = f"{lag / 1000:.1f} s" if lag is not None else "-"
         rows.append(row)
     return rows
 

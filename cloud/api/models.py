@@ -101,6 +101,10 @@ class NodePublic(BaseModel):
     health_at: datetime | None = None  # when that heartbeat arrived
     node_info: NodeInfo = Field(default_factory=NodeInfo)
     synced_seq: int = 0
+    # From the latest health: rows still to sync behind the live lane, and the age of the
+    # oldest record not yet in the cloud above them (None: none, or no health yet).
+    sync_backlog: int = 0
+    sync_live_lag_ms: float | None = None
     revoked_at: datetime | None = None  # a revoked node can no longer connect
     tls: bool = False  # it holds a client certificate issued at enrollment
 
@@ -143,6 +147,8 @@ class PolicyApplied(BaseModel):
 
 class RecordPublic(BaseModel):
     node_id: str
+    epoch: int = 0
+    live: bool = False  # sent in the live lane ahead of a backlog (else backfilled in order)
     seq: int
     kind: str
     topic: str
@@ -154,6 +160,25 @@ class RecordPublic(BaseModel):
 
 class RecordPage(BaseModel):
     records: list[RecordPublic]
+    next_cursor: str | None
+
+
+class DeadRecordPublic(BaseModel):
+    """A record the cloud refused on its own (the rest of its batch was stored), and why."""
+
+    id: int
+    node_id: str
+    epoch: int
+    seq: int
+    kind: str
+    topic: str
+    size: int
+    reason: str
+    received_ms: int
+
+
+class DeadRecordPage(BaseModel):
+    dead: list[DeadRecordPublic]
     next_cursor: str | None
 
 

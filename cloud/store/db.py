@@ -156,6 +156,59 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
 
 
+# Issue 12 (sync): records keyed by the edge's outbox epoch, per-epoch marks, dead letters.
+SYNC_SCHEMA = """
+CREATE TABLE IF NOT EXISTS record_marks (
+    node_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    synced_seq INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (node_id, epoch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_records (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_records_node ON dead_records (node_id, id);
+"""
+RECORDS_BY_EPOCH = """
+CREATE TABLE records_by_epoch (
+    node_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    live INTEGER NOT NULL DEFAULT 0,  -- 1: sent in the live lane ahead of a backlog
+    PRIMARY KEY (node_id, epoch, seq)
+) WITHOUT ROWID;
+INSERT INTO records_by_epoch (node_id, seq, kind, topic, ts_ms, payload, received_ms)
+    SELECT node_id, seq, kind, topic, ts_ms, payload, received_ms FROM records;
+DROP TABLE records;
+ALTER TABLE records_by_epoch RENAME TO records;
+CREATE INDEX IF NOT EXISTS records_ts ON records (ts_ms);
+INSERT OR IGNORE INTO record_marks (node_id, epoch, synced_seq)
+    SELECT id, 0, synced_seq FROM nodes WHERE synced_seq > 0;
+"""
+
+
+def _migrate_sync_epochs(conn: sqlite3.Connection) -> None:
+    """Issue 12's step: per-epoch marks and dead letters; records rekeyed by (node, epoch, seq)
+    (a table rebuild, once: SQLite cannot change a primary key in place). Records and marks
+    from before are epoch 0, the epoch an edge without one sends."""
+    conn.executescript(SYNC_SCHEMA)
+    if "epoch" not in {row[1] for row in conn.execute("PRAGMA table_info(records)")}:
+        conn.executescript(f"BEGIN IMMEDIATE;{RECORDS_BY_EPOCH}COMMIT;")
+
+
 class Database:
     """One SQLite connection shared by the API threads and the gRPC loop, behind a lock.
 
@@ -171,6 +224,7 @@ class Database:
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
         _add_missing_columns(conn)
+        _migrate_sync_epochs(conn)
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
 
@@ -180,17 +234,28 @@ class Database:
             yield self.db
 
     @contextmanager
-    def write(self) -> Iterator[sqlite_utils.Database]:
-        """A transaction: committed when the block ends, rolled back if it raises."""
+    def write(self, *, durable: bool = False) -> Iterator[sqlite_utils.Database]:
+        """A transaction: committed when the block ends, rolled back if it raises.
+
+        durable: the commit is fsynced (synchronous=FULL) so it survives a power cut, for
+        writes acknowledged to someone who then forgets the data (an edge's record batch).
+        """
         with self._lock:
             conn = self.db.conn
+            if durable:
+                conn.execute("PRAGMA synchronous=FULL")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            else:
+                conn.execute("COMMIT")
+            finally:
+                if durable:
+                    conn.execute("PRAGMA synchronous=NORMAL")
 
     def close(self) -> None:
         with self._lock:

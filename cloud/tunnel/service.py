@@ -18,6 +18,7 @@ from fieldline.cloud.artifacts.blobs import BlobStore
 from fieldline.cloud.desired import DesiredStateService, assigned_sha256s, desired_json_for_node
 from fieldline.cloud.metrics import CloudMetrics
 from fieldline.cloud.store import nodes as node_store
+from fieldline.cloud.store import records as record_store
 from fieldline.cloud.store.db import Database
 from fieldline.cloud.tunnel.auth import Refusal, authenticate, identify
 from fieldline.cloud.tunnel.enrollment import node_info
@@ -156,15 +157,24 @@ class TunnelService(pb_grpc.TunnelServicer):
             node_store.set_observed(self.db, node_id=node_id, observed=observed)
             return []
         if kind == "records":
-            high = await asyncio.to_thread(self.records.ingest, node_id, msg.records)
-            return [pb.CloudMessage(records_ack=pb.RecordsAck(high_water_seq=high))]
+            done = await asyncio.to_thread(self.records.ingest, node_id, msg.records)
+            ack = pb.RecordsAck(
+                high_water_seq=done.high_water_seq,
+                epoch=msg.records.epoch,
+                refused=done.refused,
+                batch_top=done.batch_top,
+                batch_id=msg.records.batch_id,
+            )
+            return [pb.CloudMessage(records_ack=ack)]
         raise ValueError(f"unknown message {kind!r}")
 
     def _hello(self, node_id: str, hello: pb.Hello) -> list[pb.CloudMessage]:
         node_store.touch_node(self.db, node_id=node_id, node_info=node_info(hello.node_info_json))
         generation, desired_json = self.desired.current_json(node_id)
-        node = node_store.get_node(self.db, node_id=node_id)
-        welcome = pb.Welcome(node_id=node_id, server_time_ms=now_ms(), synced_seq=node.synced_seq)
+        mark = record_store.start_epoch(self.db, node_id=node_id, epoch=hello.epoch)
+        welcome = pb.Welcome(
+            node_id=node_id, server_time_ms=now_ms(), synced_seq=mark, epoch=hello.epoch
+        )
         push = pb.DesiredStatePush(generation=generation, desired_json=desired_json)
         return [pb.CloudMessage(welcome=welcome), pb.CloudMessage(desired=push)]
 

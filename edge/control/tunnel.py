@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -28,6 +29,15 @@ log = structlog.get_logger(__name__)
 
 OUTGOING_QUEUE = 1024
 FETCH_TIMEOUT_S = 3600.0
+KEEPALIVE_TIMEOUT_S = 10.0  # gRPC's keepalive ping timeout, and the silence check's margin
+SILENCE_CHECK_S = 1.0  # how often a connected stream checks when it last heard the cloud
+# The control stream carries record batches: gzip them (JSON readings shrink several times).
+# FetchArtifact stays uncompressed: model bytes do not shrink and chunks would cost CPU.
+STREAM_COMPRESSION = grpc.Compression.Gzip
+
+
+class TunnelSilent(Exception):
+    """The stream heard nothing from the cloud for too long (a blackholed link): reconnect."""
 
 
 class TunnelClient:
@@ -50,8 +60,11 @@ class TunnelClient:
         self.on_desired = on_desired
         self.on_connected = on_connected
         self.applied_generation = applied_generation
-        # Hooks for the data plane: the cloud's record high-water mark (welcome and acks).
-        self.on_records_ack: Callable[[int], Awaitable[None]] | None = None
+        # Hooks for the data plane: the outbox epoch Hello names, the cloud's record mark on
+        # each Welcome (sync restarts from it), and each RecordsAck's (mark, epoch, batch id).
+        self.records_epoch: Callable[[], int] = lambda: 0
+        self.on_records_welcome: Callable[[int], Awaitable[None]] | None = None
+        self.on_records_ack: Callable[[int, int, int], Awaitable[None]] | None = None  # id
         self.connected = False
         self.last_rtt_ms: float | None = None
         self._backoff = Backoff(settings.reconnect)
@@ -59,10 +72,16 @@ class TunnelClient:
         self._heartbeat_seq = 0
         self._sent_at: dict[int, float] = {}
         self._stopping = asyncio.Event()
+        # A stream that hears nothing (no heartbeat ack, no message) for this long is dead even
+        # if its socket looks open (a blackholed link): gRPC's own keepalive can take minutes
+        # to say so while heartbeats are being written into it.
+        self.silence_s = max(settings.keepalive_s, 2 * settings.heartbeat_interval_s)
+        self.silence_s += KEEPALIVE_TIMEOUT_S
+        self._heard_at = 0.0
         keepalive_ms = int(settings.keepalive_s * 1000)
         options: list[tuple[str, int | str]] = [
             ("grpc.keepalive_time_ms", keepalive_ms),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.max_receive_message_length", MAX_TUNNEL_MESSAGE_BYTES),
@@ -91,6 +110,8 @@ class TunnelClient:
                     log.error("the cloud refused this node", details=exc.details())
                 else:
                     log.warning("tunnel down", code=exc.code().name, details=exc.details())
+            except TunnelSilent as exc:
+                log.warning("tunnel silent; reconnecting", reason=str(exc))
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the reconnect loop die; log and retry
@@ -118,21 +139,49 @@ class TunnelClient:
                 hello=pb.Hello(
                     node_info_json=self.node_info.model_dump_json(),
                     applied_generation=self.applied_generation(),
+                    epoch=self.records_epoch(),
                 )
             )
             while True:
                 yield await out.get()
 
-        call = self._stub.Connect(requests(), metadata=self._metadata)
+        call = self._stub.Connect(
+            requests(), metadata=self._metadata, compression=STREAM_COMPRESSION
+        )
+        self._heard_at = time.monotonic()
+        watchdog = asyncio.create_task(self._watch_silence(call))
+        try:
+            await self._read(call, out)
+        except asyncio.CancelledError:
+            if watchdog.done() and not watchdog.cancelled() and watchdog.result():
+                raise TunnelSilent(f"nothing from the cloud for {self.silence_s:.0f} s") from None
+            raise
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+
+    async def _watch_silence(self, call: grpc.aio.StreamStreamCall) -> bool:
+        """End the stream (True) when the cloud has said nothing for silence_s (see __init__)."""
+        while True:
+            await asyncio.sleep(SILENCE_CHECK_S)
+            if time.monotonic() - self._heard_at > self.silence_s:
+                return bool(call.cancel())
+
+    async def _read(
+        self, call: grpc.aio.StreamStreamCall, out: asyncio.Queue[pb.EdgeMessage]
+    ) -> None:
         async for msg in call:
+            self._heard_at = time.monotonic()
             kind = msg.WhichOneof("body")
             if kind == "welcome":
+                # Sync learns the cloud's mark before it can send on this stream.
+                if self.on_records_welcome is not None:
+                    await self.on_records_welcome(msg.welcome.synced_seq)
                 self._out = out
                 self.connected = True
                 self._backoff.reset()
                 log.info("tunnel connected", cloud=self.cloud, node=msg.welcome.node_id)
-                if self.on_records_ack is not None:
-                    await self.on_records_ack(msg.welcome.synced_seq)
                 if self.on_connected is not None:
                     await self.on_connected()
             elif kind == "desired":
@@ -142,7 +191,8 @@ class TunnelClient:
                 if sent is not None:
                     self.last_rtt_ms = monotonic_ms() - sent
             elif kind == "records_ack" and self.on_records_ack is not None:
-                await self.on_records_ack(msg.records_ack.high_water_seq)
+                ack = msg.records_ack
+                await self.on_records_ack(ack.high_water_seq, ack.epoch, ack.batch_id)
 
     def health(self) -> TunnelHealth:
         """Whether a stream is up, and the last heartbeat's round trip."""

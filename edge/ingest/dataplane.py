@@ -6,7 +6,7 @@ after a restart without the cloud; only sync waits for the tunnel.
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,10 +28,14 @@ from fieldline.shared.schemas import ArtifactKind, DesiredState
 
 log = structlog.get_logger(__name__)
 
-# A verdict that meets a full outbox (only verdicts and events left, sync behind) is tried
-# again this often, this many times (10 s in all, on the model's worker thread), then dropped.
-VERDICT_STORE_RETRY_S = 0.2
-VERDICT_STORE_TRIES = 50
+# A verdict or event that meets a full outbox (only verdicts and events left, sync behind, or
+# a full disk) waits, tried again this often, for as long as it takes: it blocks the model's
+# worker thread (or the explainer's store thread), so the worker's bounded request queue
+# (settings.inspection.max_queue) fills and new inspections are refused as overloaded, counted
+# in inspection health, while their frames are still stored and synced. Only stop() ends the
+# wait: then the verdict or event is dropped, logged and counted (reason "full").
+STORE_RETRY_S = 0.2
+EPOCH_META = "outbox_epoch"  # edge.db meta key: the newest outbox epoch of this node
 
 
 class DataPlane:
@@ -62,8 +66,14 @@ class DataPlane:
                 on_inspect=self.inspection.on_inspect,
                 registry=self.registry,
             )
-        self.sync = OutboxSync(self.outbox, send, self.retention)
-        self._last_sync = 0.0
+        self._stopping = threading.Event()
+        self.sync = OutboxSync(
+            self.outbox,
+            send,
+            self.retention,
+            epoch=self._outbox_epoch(),
+            backfill_rate=lambda: self.policy.sync_backfill_records_per_s,
+        )
         self.verdicts_published = 0
         self.defects = 0
         self.verdicts_dropped = 0
@@ -85,6 +95,7 @@ class DataPlane:
             self.ingestor.start()
 
     def stop(self) -> None:
+        self._stopping.set()  # verdicts and events waiting for room give up (counted)
         if self.ingestor is not None:
             self.ingestor.stop()  # flushes and acks what it holds
         self.inspection.stop()  # answers (stores) every queued request
@@ -134,23 +145,12 @@ class DataPlane:
     # -- verdicts ------------------------------------------------------------------------------
 
     def _store_verdict(self, verdict: Verdict) -> None:
-        """Store a verdict. A full outbox is retried VERDICT_STORE_TRIES times, VERDICT_STORE_RETRY_S
-        apart (blocking this model's worker: back-pressure on inspection); after that, or when
-        the cloud would refuse the record, the verdict is dropped, logged and counted."""
+        """Store a verdict, waiting while the outbox is full (see STORE_RETRY_S); a verdict the
+        cloud would refuse is dropped, logged and counted."""
         rule = next((r for r in self.policy.inspections if r.name == verdict.rule), None)
         topic = rule.result_topic if rule else f"verdicts/{verdict.rule}"
         record = NewRecord("verdict", topic, verdict.ts_ms, verdict.to_json())
-        for _ in range(VERDICT_STORE_TRIES):
-            try:
-                self.outbox.append([record])
-                break
-            except OutboxFull:
-                time.sleep(VERDICT_STORE_RETRY_S)
-            except RecordRefused as exc:
-                self._drop("verdict", "refused", str(exc), rule=verdict.rule)
-                break
-        else:
-            self._drop("verdict", "full", "the outbox stayed full", rule=verdict.rule)
+        self._store_waiting(record, rule=verdict.rule)
         if verdict.defect:
             self.defects += 1
         if self.on_verdict is not None:
@@ -174,16 +174,38 @@ class DataPlane:
             self.ingestor.publish(topic, payload)
 
     def store_event(self, topic: str, payload: bytes, ts_ms: int) -> None:
-        """Store an event (kind "event": the outbox never drops one to make room) for sync.
+        """Store an event (kind "event": the outbox never drops one to make room) for sync,
+        waiting while the outbox is full (see STORE_RETRY_S). An event the cloud would refuse
+        (RecordRefused), or still waiting at stop (OutboxFull), is dropped, counted and logged
+        here, and raised to the caller."""
+        self._store_waiting(NewRecord("event", topic, ts_ms, payload), raise_dropped=True)
 
-        Tried once, with no retry: a full outbox (OutboxFull) or a record the cloud would refuse
-        (RecordRefused) drops the event, counted and logged here, and raises to the caller.
-        """
-        try:
-            self.outbox.append([NewRecord("event", topic, ts_ms, payload)])
-        except (OutboxFull, RecordRefused) as exc:
-            self._drop("event", "full" if isinstance(exc, OutboxFull) else "refused", str(exc))
-            raise
+    def _store_waiting(
+        self, record: NewRecord, *, raise_dropped: bool = False, **where: str
+    ) -> bool:
+        """Append one verdict or event, waiting out a full outbox until stored or stopping."""
+        waited = False
+        while True:
+            try:
+                self.outbox.append([record])
+            except OutboxFull as exc:
+                if not waited:
+                    log.warning(f"{record.kind} waits for room in the outbox", error=str(exc))
+                    waited = True
+                if not self._stopping.wait(STORE_RETRY_S):
+                    continue
+                self._drop(record.kind, "full", str(exc), **where)
+                if raise_dropped:
+                    raise
+                return False
+            except RecordRefused as exc:
+                self._drop(record.kind, "refused", str(exc), **where)
+                if raise_dropped:
+                    raise
+                return False
+            if waited:
+                log.info(f"{record.kind} stored after waiting for room")
+            return True
 
     def _publish(self, topic: str, payload: bytes) -> None:
         if self.ingestor is None:
@@ -193,19 +215,38 @@ class DataPlane:
 
     # -- sync ----------------------------------------------------------------------------------
 
-    async def sync_tick(self) -> None:
-        """The scheduled job: ship outbox batches once the policy's sync interval has passed."""
-        now = time.monotonic()
-        if now - self._last_sync < self.policy.sync_interval_s:
-            return
-        self._last_sync = now
-        await self.sync.run_once()
+    def _outbox_epoch(self) -> int:
+        """The outbox's sequence space: a new outbox.db (deleted, or a fresh install) takes the
+        next epoch after the last one edge.db knows, so its sequences, starting at 1 again, are
+        new records to the cloud; an outbox from before epochs keeps 0."""
+        known = int(self.store.get_meta(EPOCH_META) or 0)
+        if self.outbox.has_epoch():
+            epoch = self.outbox.epoch
+        else:
+            # Unnumbered: new (or left empty by a crash at its creation), or an outbox from
+            # before epochs on a node that never had one, which keeps 0 (its cloud records do).
+            epoch = 0 if (not self.outbox.created and known == 0) else known + 1
+            self.outbox.start_epoch(epoch)
+            if epoch:
+                log.info("new outbox: a new record sequence space", epoch=epoch)
+        if epoch > known:
+            self.store.set_meta(**{EPOCH_META: str(epoch)})
+        return epoch
 
-    async def on_records_ack(self, high_water_seq: int) -> None:
-        await self.sync.on_ack(high_water_seq)
+    async def run_sync(self) -> None:
+        """The sync task (owned by the agent): drains on each connect, else every policy interval."""
+        await self.sync.run(lambda: self.policy.sync_interval_s)
+
+    async def on_records_welcome(self, synced_seq: int) -> None:
+        await self.sync.on_welcome(synced_seq)
+
+    async def on_records_ack(self, high_water_seq: int, epoch: int, batch_id: int) -> None:
+        await self.sync.on_ack(high_water_seq, epoch, batch_id)
 
     def health(self) -> DataPlaneHealth:
-        """Outbox, MQTT and per-model inspection health, and what was published or dropped."""
+        """Outbox, MQTT and per-model inspection health, what was published or dropped, and
+        how far sync is behind."""
+        backlog, live_lag = self.sync.lag()
         return DataPlaneHealth(
             outbox=self.outbox.stats(),
             mqtt=self.ingestor.health() if self.ingestor is not None else MqttHealth(),
@@ -215,4 +256,6 @@ class DataPlane:
             verdicts_dropped=self.verdicts_dropped,
             events_dropped=self.events_dropped,
             sync_unacked_batches=self.sync.unacked_batches,
+            sync_backlog=backlog,
+            sync_live_lag_ms=live_lag,
         )

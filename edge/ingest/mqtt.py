@@ -29,6 +29,7 @@ from fieldline.edge.ingest.mqtt_client import BufferedClient, PahoClient, catch_
 from fieldline.edge.ingest.outbox import (
     REDELIVERY_WINDOW_ROWS,
     DeadLetter,
+    DiskFull,
     NewRecord,
     Outbox,
     OutboxFull,
@@ -45,6 +46,8 @@ log = structlog.get_logger(__name__)
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 FULL_RETRY_S = 0.5  # how often a blocked batch retries while the outbox is full
+UNREACHABLE_LOG_S = 30.0  # "broker unreachable" at most this often while it stays away
+WRITER_RETRY_S = 1.0  # how often a batch that failed otherwise (an I/O error) is retried
 QUEUE_POLL_S = 0.1
 
 InspectFn = Callable[[str, bytes, int], object]
@@ -157,6 +160,9 @@ class MqttIngestor:
         self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self._client.on_connect = catch_log_exception(self._on_connect, count)
         self._client.on_disconnect = catch_log_exception(self._on_disconnect, count)
+        self._client.on_connect_fail = catch_log_exception(self._on_connect_fail, count)
+        self._unreachable_logged = 0.0  # monotonic time of the last "broker unreachable" line
+        self.connect_failures = 0
         self._client.on_message = catch_log_exception(self._on_message, count)
         self._client.on_subscribe = catch_log_exception(self._on_subscribe, count)
 
@@ -236,6 +242,7 @@ class MqttIngestor:
             refused=self.refused,
             duplicates=self.duplicates,
             backpressure=self.backpressure,
+            connect_failures=self.connect_failures,
         )
 
     # -- paho callbacks (on paho's thread; wrapped by catch_log_exception in __init__) ---------
@@ -255,6 +262,18 @@ class MqttIngestor:
         self.connected = False
         if not self._stop.is_set():
             log.warning("mqtt disconnected", reason=str(reason_code))
+
+    def _on_connect_fail(self, client, userdata) -> None:  # type: ignore[no-untyped-def]
+        """paho retries on its own; say so at most every UNREACHABLE_LOG_S (health says always)."""
+        self.connect_failures += 1
+        now = time.monotonic()
+        if now - self._unreachable_logged >= UNREACHABLE_LOG_S:
+            self._unreachable_logged = now
+            log.warning(
+                "mqtt broker unreachable; retrying",
+                broker=f"{self.settings.host}:{self.settings.port}",
+                failures=self.connect_failures,
+            )
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
         refused = [str(rc) for rc in reason_codes if rc.is_failure]
@@ -295,11 +314,27 @@ class MqttIngestor:
                 if self._stop.is_set() and self._queue.empty():
                     return
                 continue
+            self._commit_until_stored(batch)
+
+    def _commit_until_stored(self, batch: list[_Message]) -> None:
+        """Commit a batch, retrying on an unexpected failure (an I/O error): dropping it would
+        leave its messages unacked in a session the broker never redelivers, so the broker's
+        window of unacked messages fills and ingestion wedges. Logged once per failure run."""
+        failing = False
+        while True:
             try:
                 self._commit(batch)
-            except Exception:  # a bug here must not stop ingestion: the batch stays unacked
+            except Exception:
                 self.metrics.errors.labels("writer").inc()
-                log.exception("mqtt batch failed; its messages stay unacked for redelivery")
+                if not failing:
+                    log.exception("mqtt batch failed; retrying it (its messages stay unacked)")
+                    failing = True
+                if self._stop.wait(WRITER_RETRY_S):
+                    return
+                continue
+            if failing:
+                log.info("mqtt batch stored after retries")
+            return
 
     @staticmethod
     def _key(m: _Message) -> str:
@@ -341,9 +376,10 @@ class MqttIngestor:
                 )
             except OutboxFull as exc:
                 # Back-pressure: hold the acks (the broker keeps the backlog); try smaller parts,
-                # then wait for sync to free room.
+                # then wait for sync (or, on a full disk, the operator) to free room.
                 if not blocked:
-                    log.warning("outbox full; holding acks", error=str(exc))
+                    what = "disk full" if isinstance(exc, DiskFull) else "outbox full"
+                    log.warning(f"{what}; holding acks", error=str(exc))
                     blocked = True
                 self.metrics.blocked.set(1)
                 self.backpressure = True

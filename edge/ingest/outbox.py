@@ -37,8 +37,10 @@ from fieldline.shared.policy import Retention
 
 DB_FILE = "outbox.db"
 DROPPABLE = "telemetry"
+KEPT_KINDS = tuple(sorted(RECORD_KINDS - {DROPPABLE}))  # verdicts and events: never dropped
 DEAD_LETTER_KEEP_BYTES = 1024  # of a dead-lettered payload, kept for diagnosis
 DEAD_LETTER_MAX_ROWS = 10_000
+PRUNE_CHUNK_ROWS = 10_000  # telemetry rows dropped per statement when the bound is passed
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -71,6 +73,16 @@ REDELIVERY_WINDOW_ROWS = 4000
 
 class OutboxFull(Exception):
     """No room without dropping verdicts or events: stop acknowledging until sync frees room."""
+
+
+class DiskFull(OutboxFull):
+    """The disk under the outbox is full (SQLITE_FULL, ENOSPC): the same back-pressure as a full
+    outbox; commits succeed again by themselves once space returns."""
+
+
+def _disk_full(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc) or "No space" in str(exc)
 
 
 class RecordRefused(ValueError):
@@ -133,7 +145,9 @@ class Outbox:
 
     def __init__(self, data_dir: Path, retention: Retention | None = None):
         path = data_dir / DB_FILE
-        if not path.exists():
+        # A new file is a new sequence space (AUTOINCREMENT starts at 1 again): see epoch.
+        self.created = not path.exists()
+        if self.created:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -166,6 +180,28 @@ class Outbox:
             "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
             (name, value),
         )
+
+    @property
+    def synced_seq(self) -> int:
+        """The highest sequence the cloud acked, as this outbox knows it."""
+        return self._synced_seq
+
+    @property
+    def epoch(self) -> int:
+        """This outbox's sequence space, sent with every batch (0: an outbox from before epochs;
+        the data plane gives a new file the next epoch of edge.db, see start_epoch)."""
+        return self._counter("epoch")
+
+    def has_epoch(self) -> bool:
+        """Whether this outbox was ever numbered (an outbox from before epochs was not)."""
+        with self._lock:
+            row = self._conn.execute("SELECT 1 FROM counters WHERE name = 'epoch'").fetchone()
+        return row is not None
+
+    def start_epoch(self, epoch: int) -> None:
+        """Number this (new) outbox's sequence space."""
+        with self._lock:
+            self._set_counter("epoch", epoch)
 
     @property
     def dropped(self) -> int:
@@ -233,9 +269,13 @@ class Outbox:
                 if dropped:
                     self._set_counter("dropped", self._dropped + dropped)
                 conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                if _disk_full(exc):
+                    raise DiskFull(f"no space left for the outbox ({exc})") from exc
+                raise
             except BaseException:
-                conn.execute("ROLLBACK")
-                self._reload_totals()
+                self._rollback()
                 raise
             self._rows += need_rows
             self._bytes += need_bytes
@@ -260,6 +300,12 @@ class Outbox:
         """Store records (verdicts, events); raises RecordRefused or OutboxFull, storing none."""
         return self.commit_batch(records)
 
+    def _rollback(self) -> None:
+        """Undo the open transaction, if SQLite has not already (it rolls back on SQLITE_FULL)."""
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+        self._reload_totals()
+
     def _reload_totals(self) -> None:
         rows, size = self._conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records"
@@ -278,7 +324,9 @@ class Outbox:
         dropped = 0
         while self._rows + need_rows > r.max_rows or self._bytes + need_bytes > r.max_bytes:
             over_rows = max(0, self._rows + need_rows - r.max_rows)
-            batch = max(over_rows, 64)
+            # In chunks, deleted by range: a bound lowered a lot at once (400,000 rows to
+            # 50,000) would otherwise pass SQLite's limit on bound variables.
+            batch = min(max(over_rows, 64), PRUNE_CHUNK_ROWS)
             victims = conn.execute(
                 "SELECT seq, size FROM records WHERE synced_ms IS NULL AND kind = ? "
                 "ORDER BY seq LIMIT ?",
@@ -300,32 +348,127 @@ class Outbox:
                     and self._bytes - freed + need_bytes <= r.max_bytes
                 ):
                     break
-            conn.execute(f"DELETE FROM records WHERE seq IN ({','.join('?' * len(take))})", take)
+            conn.execute(
+                "DELETE FROM records WHERE seq BETWEEN ? AND ? AND synced_ms IS NULL AND kind = ?",
+                (take[0], take[-1], DROPPABLE),
+            )
             self._rows -= len(take)
             self._bytes -= freed
             dropped += len(take)
         return dropped
 
-    def read_batch(self, after_seq: int, limit: int) -> list[OutboxRecord]:
-        """Unsynced records with seq > after_seq, in order."""
+    def read_batch(
+        self, after_seq: int, limit: int, upto_seq: int | None = None
+    ) -> list[OutboxRecord]:
+        """Unsynced records with after_seq < seq (<= upto_seq), in order."""
         with self._lock:
+            # "+synced_ms": walk the primary key from after_seq; through the synced_ms index
+            # SQLite would read and sort every unsynced row for each batch (a 200,000-row
+            # backlog, 200,000 rows per batch).
             rows = self._conn.execute(
                 "SELECT seq, kind, topic, ts_ms, payload FROM records "
-                "WHERE seq > ? AND synced_ms IS NULL ORDER BY seq LIMIT ?",
-                (after_seq, limit),
+                "WHERE seq > ? AND seq <= ? AND +synced_ms IS NULL ORDER BY seq LIMIT ?",
+                (after_seq, upto_seq if upto_seq is not None else 2**63 - 1, limit),
             ).fetchall()
         return [OutboxRecord(int(s), k, t, int(ts), bytes(p)) for s, k, t, ts, p in rows]
 
     def mark_synced(self, high_water_seq: int) -> None:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
+            # Rows at or below _synced_seq are synced already: touch only the range above it
+            # (by primary key, not by scanning the synced_ms index's every unsynced row).
             self._conn.execute(
-                "UPDATE records SET synced_ms = ? WHERE seq <= ? AND synced_ms IS NULL",
-                (_now_ms(), high_water_seq),
+                "UPDATE records SET synced_ms = ? "
+                "WHERE seq > ? AND seq <= ? AND +synced_ms IS NULL",
+                (_now_ms(), self._synced_seq, high_water_seq),
             )
             self._synced_seq = max(self._synced_seq, high_water_seq)
             self._set_counter("synced_seq", self._synced_seq)
             self._conn.execute("COMMIT")
+
+    def read_urgent(self, after_seq: int, upto_seq: int, limit: int) -> list[OutboxRecord]:
+        """Unsynced verdicts and events with after_seq < seq <= upto_seq, in order: what a
+        backlog sends before its telemetry."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, kind, topic, ts_ms, payload FROM records "
+                # IN, not !=: two ranges of the synced_ms index, not every unsynced row.
+                f"WHERE synced_ms IS NULL AND kind IN ({','.join('?' * len(KEPT_KINDS))}) "
+                "AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (*KEPT_KINDS, after_seq, upto_seq, limit),
+            ).fetchall()
+        return [OutboxRecord(int(s), k, t, int(ts), bytes(p)) for s, k, t, ts, p in rows]
+
+    def mark_seqs_synced(self, seqs: list[int]) -> None:
+        """These rows (acked out of sequence order) are synced; the synced mark stays."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    "UPDATE records SET synced_ms = ? WHERE seq = ?",
+                    [(_now_ms(), s) for s in seqs],
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+
+    def mark_range_synced(self, first_seq: int, last_seq: int) -> None:
+        """A live-lane batch was acked: its rows (every unsynced one in the range) are synced;
+        the synced mark stays where the backlog below them is."""
+        with self._lock:
+            self._conn.execute(
+                "UPDATE records SET synced_ms = ? "
+                "WHERE seq >= ? AND seq <= ? AND +synced_ms IS NULL",
+                (_now_ms(), first_seq, last_seq),
+            )
+
+    def oldest_unsynced_ts(self, after_seq: int) -> int | None:
+        """ts_ms of the first unsynced record above after_seq (None when there is none)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT ts_ms FROM records WHERE seq > ? AND +synced_ms IS NULL ORDER BY seq LIMIT 1",
+                (after_seq,),
+            ).fetchone()
+        return int(row[0]) if row else None
+
+    def backlog(self) -> tuple[int, int]:
+        """(unsynced rows, the newest seq): how far behind sync is."""
+        with self._lock:
+            (unsynced,) = self._conn.execute(
+                "SELECT COUNT(*) FROM records WHERE synced_ms IS NULL"
+            ).fetchone()
+            (last,) = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()
+        return int(unsynced), int(last)
+
+    def unsync_above(self, seq: int) -> tuple[int, int]:
+        """The cloud's mark went back to seq: rows above it are unsynced again, to be resent.
+
+        Returns (rows to resend, synced rows above seq already pruned: the gap the cloud will
+        never get back, counted in `sync_gap`)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._conn.execute(
+                    "UPDATE records SET synced_ms = NULL WHERE seq > ? AND synced_ms IS NOT NULL",
+                    (seq,),
+                )
+                resend = int(cur.rowcount)
+                (present,) = self._conn.execute(
+                    "SELECT COUNT(*) FROM records WHERE seq > ? AND seq <= ?",
+                    (seq, self._synced_seq),
+                ).fetchone()
+                # Rows above seq that this outbox once marked synced and no longer holds; an
+                # upper bound: sequences dropped unsynced by retention count here too.
+                gap = max(0, self._synced_seq - seq - int(present))
+                self._synced_seq = seq
+                self._set_counter("synced_seq", seq)
+                self._set_counter("sync_gap", self._counter("sync_gap") + gap)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            return resend, gap
 
     def prune(self, retention: Retention | None = None) -> int:
         """Delete synced rows older than keep_synced_s; returns how many."""
@@ -353,6 +496,8 @@ class Outbox:
                 dead_letters=self._dead,
                 last_seq=max(int(last), self._synced_seq),
                 synced_seq=self._synced_seq,
+                epoch=self._counter("epoch"),
+                sync_gap=self._counter("sync_gap"),
             )
 
     def dead_letters(self, limit: int = 100) -> list[tuple[str, str, int]]:

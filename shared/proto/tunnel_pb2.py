@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fieldline/shared/proto/tunnel.proto\x12\x13\x66ieldline.tunnel.v1\"G\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x16\n\x0enode_info_json\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x46 \x01(\x0c\"\xd9\x01\n\x0e\x45nrollResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bnode_secret\x18\x02 \x01(\t\x12\x18\n\x10\x63loud_public_key\x18\x03 \x01(\x0c\x12?\n\x06labels\x18\x04 \x03(\x0b\x32/.fieldline.tunnel.v1.EnrollResponse.LabelsEntry\x12\x17\n\x0f\x63lient_cert_pem\x18\x46 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xea\x01\n\x0b\x45\x64geMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.fieldline.tunnel.v1.HelloH\x00\x12\x33\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.fieldline.tunnel.v1.HeartbeatH\x00\x12<\n\x08observed\x18\x03 \x01(\x0b\x32(.fieldline.tunnel.v1.ObservedStateReportH\x00\x12\x33\n\x07records\x18\x04 \x01(\x0b\x32 .fieldline.tunnel.v1.RecordBatchH\x00\x42\x06\n\x04\x62ody\"\xf5\x01\n\x0c\x43loudMessage\x12/\n\x07welcome\x18\x01 \x01(\x0b\x32\x1c.fieldline.tunnel.v1.WelcomeH\x00\x12\x38\n\x07\x64\x65sired\x18\x02 \x01(\x0b\x32%.fieldline.tunnel.v1.DesiredStatePushH\x00\x12:\n\rheartbeat_ack\x18\x03 \x01(\x0b\x32!.fieldline.tunnel.v1.HeartbeatAckH\x00\x12\x36\n\x0brecords_ack\x18\x04 \x01(\x0b\x32\x1f.fieldline.tunnel.v1.RecordsAckH\x00\x42\x06\n\x04\x62ody\"O\n\x05Hello\x12\x16\n\x0enode_info_json\x18\x01 \x01(\t\x12\x1a\n\x12\x61pplied_generation\x18\x02 \x01(\x03\x12\x12\n\nsynced_seq\x18\x03 \x01(\x03\"F\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0eserver_time_ms\x18\x02 \x01(\x03\x12\x12\n\nsynced_seq\x18\x03 \x01(\x03\"A\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x12\n\nsent_at_ms\x18\x02 \x01(\x03\x12\x13\n\x0bhealth_json\x18\x03 \x01(\t\"G\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x12\n\nsent_at_ms\x18\x02 \x01(\x03\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x03\",\n\x13ObservedStateReport\x12\x15\n\robserved_json\x18\x01 \x01(\t\"<\n\x10\x44\x65siredStatePush\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x14\n\x0c\x64\x65sired_json\x18\x02 \x01(\t\"R\n\x06Record\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12\r\n\x05ts_ms\x18\x04 \x01(\x03\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\";\n\x0bRecordBatch\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.fieldline.tunnel.v1.Record\"$\n\nRecordsAck\x12\x16\n\x0ehigh_water_seq\x18\x01 \x01(\x03\"6\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x32_\n\nEnrollment\x12Q\n\x06\x45nroll\x12\".fieldline.tunnel.v1.EnrollRequest\x1a#.fieldline.tunnel.v1.EnrollResponse2\xbe\x01\n\x06Tunnel\x12R\n\x07\x43onnect\x12 .fieldline.tunnel.v1.EdgeMessage\x1a!.fieldline.tunnel.v1.CloudMessage(\x01\x30\x01\x12`\n\rFetchArtifact\x12).fieldline.tunnel.v1.FetchArtifactRequest\x1a\".fieldline.tunnel.v1.ArtifactChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fieldline/shared/proto/tunnel.proto\x12\x13\x66ieldline.tunnel.v1\"G\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x16\n\x0enode_info_json\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x46 \x01(\x0c\"\xd9\x01\n\x0e\x45nrollResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bnode_secret\x18\x02 \x01(\t\x12\x18\n\x10\x63loud_public_key\x18\x03 \x01(\x0c\x12?\n\x06labels\x18\x04 \x03(\x0b\x32/.fieldline.tunnel.v1.EnrollResponse.LabelsEntry\x12\x17\n\x0f\x63lient_cert_pem\x18\x46 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xea\x01\n\x0b\x45\x64geMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.fieldline.tunnel.v1.HelloH\x00\x12\x33\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.fieldline.tunnel.v1.HeartbeatH\x00\x12<\n\x08observed\x18\x03 \x01(\x0b\x32(.fieldline.tunnel.v1.ObservedStateReportH\x00\x12\x33\n\x07records\x18\x04 \x01(\x0b\x32 .fieldline.tunnel.v1.RecordBatchH\x00\x42\x06\n\x04\x62ody\"\xf5\x01\n\x0c\x43loudMessage\x12/\n\x07welcome\x18\x01 \x01(\x0b\x32\x1c.fieldline.tunnel.v1.WelcomeH\x00\x12\x38\n\x07\x64\x65sired\x18\x02 \x01(\x0b\x32%.fieldline.tunnel.v1.DesiredStatePushH\x00\x12:\n\rheartbeat_ack\x18\x03 \x01(\x0b\x32!.fieldline.tunnel.v1.HeartbeatAckH\x00\x12\x36\n\x0brecords_ack\x18\x04 \x01(\x0b\x32\x1f.fieldline.tunnel.v1.RecordsAckH\x00\x42\x06\n\x04\x62ody\"^\n\x05Hello\x12\x16\n\x0enode_info_json\x18\x01 \x01(\t\x12\x1a\n\x12\x61pplied_generation\x18\x02 \x01(\x03\x12\x12\n\nsynced_seq\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\"U\n\x07Welcome\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0eserver_time_ms\x18\x02 \x01(\x03\x12\x12\n\nsynced_seq\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\"A\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x12\n\nsent_at_ms\x18\x02 \x01(\x03\x12\x13\n\x0bhealth_json\x18\x03 \x01(\t\"G\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x12\n\nsent_at_ms\x18\x02 \x01(\x03\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x03\",\n\x13ObservedStateReport\x12\x15\n\robserved_json\x18\x01 \x01(\t\"<\n\x10\x44\x65siredStatePush\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x14\n\x0c\x64\x65sired_json\x18\x02 \x01(\t\"R\n\x06Record\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05topic\x18\x03 \x01(\t\x12\r\n\x05ts_ms\x18\x04 \x01(\x03\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\"j\n\x0bRecordBatch\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.fieldline.tunnel.v1.Record\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\x10\n\x08\x62\x61tch_id\x18\x04 \x01(\x04\"i\n\nRecordsAck\x12\x16\n\x0ehigh_water_seq\x18\x01 \x01(\x03\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0f\n\x07refused\x18\x03 \x01(\x03\x12\x11\n\tbatch_top\x18\x04 \x01(\x03\x12\x10\n\x08\x62\x61tch_id\x18\x05 \x01(\x04\"6\n\x14\x46\x65tchArtifactRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"A\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x32_\n\nEnrollment\x12Q\n\x06\x45nroll\x12\".fieldline.tunnel.v1.EnrollRequest\x1a#.fieldline.tunnel.v1.EnrollResponse2\xbe\x01\n\x06Tunnel\x12R\n\x07\x43onnect\x12 .fieldline.tunnel.v1.EdgeMessage\x1a!.fieldline.tunnel.v1.CloudMessage(\x01\x30\x01\x12`\n\rFetchArtifact\x12).fieldline.tunnel.v1.FetchArtifactRequest\x1a\".fieldline.tunnel.v1.ArtifactChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,29 +44,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOUDMESSAGE']._serialized_start=591
   _globals['_CLOUDMESSAGE']._serialized_end=836
   _globals['_HELLO']._serialized_start=838
-  _globals['_HELLO']._serialized_end=917
-  _globals['_WELCOME']._serialized_start=919
-  _globals['_WELCOME']._serialized_end=989
-  _globals['_HEARTBEAT']._serialized_start=991
-  _globals['_HEARTBEAT']._serialized_end=1056
-  _globals['_HEARTBEATACK']._serialized_start=1058
-  _globals['_HEARTBEATACK']._serialized_end=1129
-  _globals['_OBSERVEDSTATEREPORT']._serialized_start=1131
-  _globals['_OBSERVEDSTATEREPORT']._serialized_end=1175
-  _globals['_DESIREDSTATEPUSH']._serialized_start=1177
-  _globals['_DESIREDSTATEPUSH']._serialized_end=1237
-  _globals['_RECORD']._serialized_start=1239
-  _globals['_RECORD']._serialized_end=1321
-  _globals['_RECORDBATCH']._serialized_start=1323
-  _globals['_RECORDBATCH']._serialized_end=1382
-  _globals['_RECORDSACK']._serialized_start=1384
-  _globals['_RECORDSACK']._serialized_end=1420
-  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1422
-  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1476
-  _globals['_ARTIFACTCHUNK']._serialized_start=1478
-  _globals['_ARTIFACTCHUNK']._serialized_end=1543
-  _globals['_ENROLLMENT']._serialized_start=1545
-  _globals['_ENROLLMENT']._serialized_end=1640
-  _globals['_TUNNEL']._serialized_start=1643
-  _globals['_TUNNEL']._serialized_end=1833
+  _globals['_HELLO']._serialized_end=932
+  _globals['_WELCOME']._serialized_start=934
+  _globals['_WELCOME']._serialized_end=1019
+  _globals['_HEARTBEAT']._serialized_start=1021
+  _globals['_HEARTBEAT']._serialized_end=1086
+  _globals['_HEARTBEATACK']._serialized_start=1088
+  _globals['_HEARTBEATACK']._serialized_end=1159
+  _globals['_OBSERVEDSTATEREPORT']._serialized_start=1161
+  _globals['_OBSERVEDSTATEREPORT']._serialized_end=1205
+  _globals['_DESIREDSTATEPUSH']._serialized_start=1207
+  _globals['_DESIREDSTATEPUSH']._serialized_end=1267
+  _globals['_RECORD']._serialized_start=1269
+  _globals['_RECORD']._serialized_end=1351
+  _globals['_RECORDBATCH']._serialized_start=1353
+  _globals['_RECORDBATCH']._serialized_end=1459
+  _globals['_RECORDSACK']._serialized_start=1461
+  _globals['_RECORDSACK']._serialized_end=1566
+  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1568
+  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1622
+  _globals['_ARTIFACTCHUNK']._serialized_start=1624
+  _globals['_ARTIFACTCHUNK']._serialized_end=1689
+  _globals['_ENROLLMENT']._serialized_start=1691
+  _globals['_ENROLLMENT']._serialized_end=1786
+  _globals['_TUNNEL']._serialized_start=1789
+  _globals['_TUNNEL']._serialized_end=1979
 # @@protoc_insertion_point(module_scope)

@@ -62,24 +62,28 @@ class CloudMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., desired: _Optional[_Union[DesiredStatePush, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., records_ack: _Optional[_Union[RecordsAck, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node_info_json", "applied_generation", "synced_seq")
+    __slots__ = ("node_info_json", "applied_generation", "synced_seq", "epoch")
     NODE_INFO_JSON_FIELD_NUMBER: _ClassVar[int]
     APPLIED_GENERATION_FIELD_NUMBER: _ClassVar[int]
     SYNCED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     node_info_json: str
     applied_generation: int
     synced_seq: int
-    def __init__(self, node_info_json: _Optional[str] = ..., applied_generation: _Optional[int] = ..., synced_seq: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, node_info_json: _Optional[str] = ..., applied_generation: _Optional[int] = ..., synced_seq: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("node_id", "server_time_ms", "synced_seq")
+    __slots__ = ("node_id", "server_time_ms", "synced_seq", "epoch")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     SYNCED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     server_time_ms: int
     synced_seq: int
-    def __init__(self, node_id: _Optional[str] = ..., server_time_ms: _Optional[int] = ..., synced_seq: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, node_id: _Optional[str] = ..., server_time_ms: _Optional[int] = ..., synced_seq: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("seq", "sent_at_ms", "health_json")
@@ -130,16 +134,30 @@ class Record(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., topic: _Optional[str] = ..., ts_ms: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class RecordBatch(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "epoch", "live", "batch_id")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[Record]
-    def __init__(self, records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ...) -> None: ...
+    epoch: int
+    live: bool
+    batch_id: int
+    def __init__(self, records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., epoch: _Optional[int] = ..., live: _Optional[bool] = ..., batch_id: _Optional[int] = ...) -> None: ...
 
 class RecordsAck(_message.Message):
-    __slots__ = ("high_water_seq",)
+    __slots__ = ("high_water_seq", "epoch", "refused", "batch_top", "batch_id")
     HIGH_WATER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TOP_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     high_water_seq: int
-    def __init__(self, high_water_seq: _Optional[int] = ...) -> None: ...
+    epoch: int
+    refused: int
+    batch_top: int
+    batch_id: int
+    def __init__(self, high_water_seq: _Optional[int] = ..., epoch: _Optional[int] = ..., refused: _Optional[int] = ..., batch_top: _Optional[int] = ..., batch_id: _Optional[int] = ...) -> None: ...
 
 class FetchArtifactRequest(_message.Message):
     __slots__ = ("sha256", "offset")

@@ -119,6 +119,8 @@ def sample_health() -> NodeHealth:
             },
             verdicts_published=5117,
             defects=12,
+            sync_backlog=150_000,  # behind after an outage: a live lane ahead of the backlog
+            sync_live_lag_ms=850.0,
         ),
         llm=LlmHealth(state="serving", loaded=True, model="assistant", version="1.3", inflight=2),
         gateway=GatewayHealth(

@@ -61,6 +61,7 @@ def test_heartbeat_health_comes_back_typed(cloud: Cloud) -> None:
     assert got["health"]["models"]["detector"]["p95_latency_ms"] == 41.5
     assert got["health"]["local_rollbacks"][0]["from_version"] == "2.1"
     assert got["health_at"] is not None
+    assert (got["sync_backlog"], got["sync_live_lag_ms"]) == (150_000, 850.0)
     assert got["node_info"]["hostname"] == "press-7"
     assert got["artifacts"] == [
         {"name": "detector", "version": "2.0", "sha256": "b" * 64, "state": "active", "error": None}

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from fieldline.cloud.api.deps import ContextDep, ViewerKey
+from fieldline.cloud.api.routes.nodes import online
 from fieldline.cloud.store import nodes as node_store
 from fieldline.cloud.store import records as record_store
 from fieldline.cloud.store import rollouts as rollout_store
@@ -44,7 +45,7 @@ def fleet_summary(
     active = rollout_store.list_rollouts(ctx.db, states=rollout_store.ACTIVE_STATES, limit=1000)
     return FleetSummary(
         nodes=len(nodes),
-        online=sum(ctx.sessions.connected(n.id) for n in nodes),
+        online=sum(online(ctx, n) for n in nodes),
         rollouts_active=len(active),
         minutes=minutes,
         records_per_minute=[

@@ -7,17 +7,27 @@ from fieldline.cloud.api.deps import AdminKey, ContextDep, OperatorKey, ViewerKe
 from fieldline.cloud.api.models import LabelsUpdate, NodePublic
 from fieldline.cloud.context import CloudContext
 from fieldline.cloud.store import nodes as node_store
+from fieldline.shared.clock import utcnow
 
 router = APIRouter(prefix="/v1/nodes", tags=["nodes"])
 log = structlog.get_logger(__name__)
 
 
+def online(ctx: CloudContext, node: node_store.NodeRow) -> bool:
+    """A stream is open and the node was heard within offline_after_s: a blackholed link keeps
+    its stream open here for minutes, but its heartbeats stop."""
+    if not ctx.sessions.connected(node.id) or node.last_seen is None:
+        return False
+    return (utcnow() - node.last_seen).total_seconds() <= ctx.settings.offline_after_s
+
+
 def node_public(ctx: CloudContext, node: node_store.NodeRow) -> NodePublic:
     observed = node.observed
+    dp = node.health.dataplane if node.health else None
     return NodePublic(
         id=node.id,
         labels=node.labels,
-        online=ctx.sessions.connected(node.id),
+        online=online(ctx, node),
         created=node.created,
         last_seen=node.last_seen,
         desired_generation=node.desired_generation,
@@ -29,6 +39,8 @@ def node_public(ctx: CloudContext, node: node_store.NodeRow) -> NodePublic:
         health_at=node.health_at,
         node_info=node.node_info,
         synced_seq=node.synced_seq,
+        sync_backlog=dp.sync_backlog if dp else 0,
+        sync_live_lag_ms=dp.sync_live_lag_ms if dp else None,
         revoked_at=node.revoked_at,
         tls=node.cert_sha256 is not None,
     )

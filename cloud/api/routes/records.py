@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
 from fieldline.cloud.api.deps import ContextDep, ViewerKey
-from fieldline.cloud.api.models import RecordPage, RecordPublic
+from fieldline.cloud.api.models import DeadRecordPage, DeadRecordPublic, RecordPage, RecordPublic
+from fieldline.cloud.context import CloudContext
 from fieldline.cloud.store import records as record_store
 from fieldline.shared.limits import RECORD_KINDS
 
@@ -23,13 +25,17 @@ KIND_PATTERN = f"^({'|'.join(sorted(RECORD_KINDS))})$"
 MAX_JSON_DEPTH = 64
 
 
-def _cursor(text: str | None) -> tuple[str, int] | None:
+def _cursor(text: str | None) -> tuple[str, int, int] | None:
+    """(node, epoch, seq) from "node:epoch:seq" (or an older page's "node:seq", epoch 0)."""
     if not text:
         return None
-    node, sep, seq = text.rpartition(":")
-    if not sep or not seq.isdigit() or int(seq) > MAX_INT64:
+    head, sep, seq = text.rpartition(":")
+    node, sep2, epoch = head.rpartition(":")
+    if not sep2 or not epoch.isdigit():
+        node, epoch = head, "0"
+    if not sep or not node or not seq.isdigit() or max(int(seq), int(epoch)) > MAX_INT64:
         raise HTTPException(422, "cursor must be the next_cursor of a previous page")
-    return node, int(seq)
+    return node, int(epoch), int(seq)
 
 
 def _json_or_none(raw: bytes) -> object | None:
@@ -60,6 +66,8 @@ def _public(r: record_store.RecordRow) -> RecordPublic:
     )
     return RecordPublic(
         node_id=r.node_id,
+        epoch=r.epoch,
+        live=bool(r.live),
         seq=r.seq,
         kind=r.kind,
         topic=r.topic,
@@ -81,7 +89,12 @@ def list_records(
     until_ms: Annotated[int | None, Query(ge=-MAX_INT64, le=MAX_INT64)] = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
-) -> RecordPage:
+    dead: Annotated[
+        bool, Query(description="The records the cloud refused (dead letters) instead")
+    ] = False,
+) -> RecordPage | DeadRecordPage:
+    if dead:
+        return _dead_page(ctx, node, cursor, limit)
     rows = record_store.query_records(
         ctx.db,
         node_id=node,
@@ -92,5 +105,21 @@ def list_records(
         after=_cursor(cursor),
         limit=limit,
     )
-    next_cursor = f"{rows[-1].node_id}:{rows[-1].seq}" if len(rows) == limit else None
+    last = rows[-1] if len(rows) == limit else None
+    next_cursor = f"{last.node_id}:{last.epoch}:{last.seq}" if last else None
     return RecordPage(records=[_public(r) for r in rows], next_cursor=next_cursor)
+
+
+def _dead_page(
+    ctx: CloudContext, node: str | None, cursor: str | None, limit: int
+) -> DeadRecordPage:
+    """A page of the cloud's dead letters; their cursor is the last one's id."""
+    if cursor is not None and (not cursor.isdigit() or int(cursor) > MAX_INT64):
+        raise HTTPException(422, "cursor must be the next_cursor of a previous page")
+    rows = record_store.query_dead_records(
+        ctx.db, node_id=node, after_id=int(cursor or 0), limit=limit
+    )
+    return DeadRecordPage(
+        dead=[DeadRecordPublic(**asdict(r)) for r in rows],
+        next_cursor=str(rows[-1].id) if len(rows) == limit else None,
+    )

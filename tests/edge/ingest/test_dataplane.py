@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import queue
+import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -15,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fieldline.cli.harness.mosquitto import MosquittoBroker
 from fieldline.edge.ingest import dataplane as dataplane_module
 from fieldline.edge.ingest.dataplane import DataPlane
-from fieldline.edge.ingest.outbox import NewRecord, OutboxFull, RecordTooLarge
+from fieldline.edge.ingest.outbox import DB_FILE, NewRecord, Outbox, RecordTooLarge
 from fieldline.edge.store import EdgeStore
 from fieldline.shared.config import EdgeSettings, MqttSettings
 from fieldline.shared.health import DataPlaneHealth
@@ -116,32 +119,45 @@ def test_policy_applied_message_inspected_verdict_published_and_stored(
         store.close()
 
 
-def test_verdicts_and_events_not_stored_are_counted(
+def test_verdicts_and_events_wait_for_room_and_are_never_dropped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dataplane_module, "VERDICT_STORE_TRIES", 3)
-    monkeypatch.setattr(dataplane_module, "VERDICT_STORE_RETRY_S", 0.01)
+    monkeypatch.setattr(dataplane_module, "STORE_RETRY_S", 0.01)
     store = EdgeStore(tmp_path / "edge")
     installed_model(store, tmp_path / "detector.onnx")
     plane = DataPlane(
         EdgeSettings(data_dir=tmp_path / "edge"), store, "node_test", lambda _m: False
     )
     plane.start()
+    stopped = False
     try:
         policy = inspection_policy("detector", retention={"max_rows": 100})
         plane.apply(DesiredState(node_id="node_test", generation=1, policy=policy))
         with pytest.raises(RecordTooLarge):  # larger than the cloud stores
             plane.store_event("plant1/events", b"x" * (MAX_RECORD_PAYLOAD_BYTES + 1), 1)
-        # Only verdicts and events left, and sync behind: the outbox is full for good.
+        # Only verdicts and events left, and sync behind: the outbox is full.
         plane.outbox.append([NewRecord("verdict", VERDICTS, 1, b"{}")] * 100)
-        with pytest.raises(OutboxFull):
-            plane.store_event("plant1/events", b"{}", 1)
+        event = threading.Thread(target=plane.store_event, args=("plant1/events", b"{}", 1))
+        event.start()
         frame = json.dumps([0.25] * (3 * 8 * 8)).encode()
-        verdict = plane.inspection.submit("detector-rule", frame).result(timeout=TIMEOUT_S)
-        assert verdict.model == "detector"  # inspected, answered, but not stored
+        waiting = plane.inspection.submit("detector-rule", frame)
+        time.sleep(0.5)
+        assert not waiting.done() and event.is_alive()  # both wait; nothing is dropped
+        plane.outbox.mark_synced(100)  # the cloud acked: room again
+        assert waiting.result(timeout=TIMEOUT_S).model == "detector"
+        event.join(TIMEOUT_S)
+        kinds = [r.kind for r in plane.outbox.read_batch(100, 10)]
+        assert sorted(kinds) == ["event", "verdict"]
         health = plane.health()
-        assert (health.verdicts_dropped, health.events_dropped) == (1, 2)
-        assert health.outbox.rows == 100
+        assert (health.verdicts_dropped, health.events_dropped) == (0, 1)
+        # Full again, then stopped while a verdict waits: that one is dropped and counted.
+        plane.outbox.append([NewRecord("verdict", VERDICTS, 1, b"{}")] * 98)
+        late = plane.inspection.submit("detector-rule", frame)
+        time.sleep(0.3)
+        plane.stop()
+        stopped = True
+        assert late.result(timeout=TIMEOUT_S).model == "detector"
+        assert plane.verdicts_dropped == 1
         sample = plane.registry.get_sample_value
         assert (
             sample("fieldline_edge_records_dropped_total", {"kind": "verdict", "reason": "full"})
@@ -152,5 +168,33 @@ def test_verdicts_and_events_not_stored_are_counted(
             == 1
         )
     finally:
-        plane.stop()
+        if not stopped:
+            plane.stop()
         store.close()
+
+
+def test_a_recreated_outbox_gets_the_next_epoch_and_an_old_one_keeps_0(tmp_path: Path) -> None:
+    def epoch_of(data: Path) -> int:
+        store = EdgeStore(data)
+        plane = DataPlane(EdgeSettings(data_dir=data), store, "node_test", lambda _m: False)
+        try:
+            return plane.sync.epoch
+        finally:
+            plane.stop()
+            store.close()
+
+    data = tmp_path / "edge"
+    assert epoch_of(data) == 1  # a fresh install
+    assert epoch_of(data) == 1  # reopened: the same sequence space
+    for suffix in ("", "-wal", "-shm"):
+        (data / f"{DB_FILE}{suffix}").unlink(missing_ok=True)
+    assert epoch_of(data) == 2  # deleted while stopped: sequences restart in a new epoch
+    # An outbox from before epochs, on a node that never had one, keeps 0 (its cloud records).
+    old = tmp_path / "old"
+    old.mkdir()
+    Outbox(old).close()
+    conn = sqlite3.connect(old / DB_FILE)
+    conn.execute("DELETE FROM counters")
+    conn.commit()
+    conn.close()
+    assert epoch_of(old) == 0

@@ -15,12 +15,15 @@ from collections import Counter
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import structlog
+import structlog.testing
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
 
 from fieldline.cli.harness.mosquitto import MosquittoBroker
+from fieldline.cli.harness.tcp_proxy import free_port
 from fieldline.edge.ingest.mqtt import MqttIngestor
 from fieldline.edge.ingest.outbox import DB_FILE, Outbox
 from fieldline.shared.config import MqttSettings
@@ -273,3 +276,22 @@ def test_garbled_payloads_dead_lettered_valid_ones_stored(
         assert expected in reasons, f"no dead letter says {expected!r}"
     metric = ing.metrics.messages.labels("dead_letter")._value.get()
     assert metric == n_garbage
+
+
+def test_an_unreachable_broker_is_logged_rate_limited_and_counted_in_health(
+    tmp_path: Path,
+) -> None:
+    port = free_port()  # nothing listens there
+    outbox = Outbox(tmp_path)
+    ing = MqttIngestor(MqttSettings(port=port), outbox, client_id="edge-nobroker")
+    with structlog.testing.capture_logs() as logs:
+        ing.start()
+        try:
+            wait_until(lambda: ing.health().connect_failures >= 2, 20, "two failed connects")
+        finally:
+            ing.stop()
+    health = ing.health()
+    assert not health.connected and health.connect_failures >= 2
+    lines = [e for e in logs if e["event"] == "mqtt broker unreachable; retrying"]
+    assert len(lines) == 1 and lines[0]["broker"] == f"127.0.0.1:{port}"
+    outbox.close()

@@ -10,6 +10,7 @@ import pytest
 from fieldline.edge.ingest.outbox import (
     DB_FILE,
     DeadLetter,
+    DiskFull,
     NewRecord,
     Outbox,
     OutboxFull,
@@ -138,3 +139,36 @@ def test_a_record_the_cloud_would_refuse_is_refused_with_the_reason(tmp_path: Pa
     assert box.stats().rows == 0
     # At the limit exactly, it is stored.
     assert box.append([NewRecord("verdict", "plant/v", 1, b"x" * MAX_RECORD_PAYLOAD_BYTES)]) == [1]
+
+
+def test_a_bound_lowered_from_400000_to_50000_rows_prunes_in_chunks(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, Retention(max_rows=400_000))
+    verdicts = [NewRecord("verdict", "v", 1, b"{}")] * 1000
+    box.commit_batch(verdicts)
+    for _ in range(40):
+        box.commit_batch([NewRecord("telemetry", "t", 1, b"12.5")] * 9_975)
+    assert box.stats().rows == 400_000
+    box.set_retention(Retention(max_rows=50_000))
+    # One IN (...) list of 350,000 sequences would pass SQLite's variable limit; this commits.
+    seqs = box.commit_batch([NewRecord("telemetry", "t", 2, b"13.5")])
+    stats = box.stats()
+    assert stats.rows == 50_000 and seqs == [400_001]
+    assert stats.dropped == 350_001  # telemetry only, counted
+    assert len(box.read_batch(0, 1000)) == 1000
+    assert {r.kind for r in box.read_batch(0, 1000)} == {"verdict"}  # no verdict lost
+
+
+def test_a_full_disk_is_back_pressure_and_writes_resume_when_space_returns(
+    tmp_path: Path,
+) -> None:
+    box = Outbox(tmp_path)
+    box.commit_batch([NewRecord("telemetry", "t", 1, b"1")])
+    # SQLite's own page limit stands in for the disk here (the same SQLITE_FULL error); the
+    # e2e test fills a real tmpfs.
+    (pages,) = box._conn.execute("PRAGMA page_count").fetchone()
+    box._conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+    with pytest.raises(DiskFull):
+        box.commit_batch([NewRecord("telemetry", "t", 1, b"x" * 100_000)] * 10)
+    assert box.stats().rows == 1  # nothing half-written, the totals still true
+    box._conn.execute("PRAGMA max_page_count = 1073741823")
+    assert box.commit_batch([NewRecord("telemetry", "t", 1, b"2")]) == [2]
