@@ -31,6 +31,28 @@ def print_table(
     console.print(table)
 
 
+def show_rows(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[tuple[str, str]],
+    *,
+    title: str,
+    as_json: bool,
+) -> None:
+    """A listing: JSON with --json, else a table."""
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(rows, columns, title=title)
+
+
+def show_done(result: Any, message: str, *, as_json: bool) -> None:
+    """An action's result: JSON with --json, else one line for a person."""
+    if as_json:
+        print_json(result)
+    else:
+        console.print(message)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"

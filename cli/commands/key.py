@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from fieldline.cli.commands.common import DEFAULT_URL, JsonOpt, KeyOpt, UrlOpt, admin
-from fieldline.cli.output import console, print_json, print_table
+from fieldline.cli.output import console, print_json, show_done, show_rows
 
 key_app = typer.Typer(no_args_is_help=True, help="Admin API keys.")
 
@@ -47,10 +47,7 @@ def key_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonOpt = F
     """List API keys (never their secrets), revoked and expired ones too."""
     with admin(url, key) as c:
         keys = c.list_keys()
-    if as_json:
-        print_json(keys)
-    else:
-        print_table(keys, KEY_COLUMNS, title="API keys")
+    show_rows(keys, KEY_COLUMNS, title="API keys", as_json=as_json)
 
 
 @key_app.command("revoke")
@@ -63,7 +60,4 @@ def key_revoke(
     """Revoke a key at once; the last usable admin key cannot be revoked."""
     with admin(url, key) as c:
         revoked = c.revoke_key(key_id)
-    if as_json:
-        print_json(revoked)
-    else:
-        console.print(f"revoked {revoked['id']} ({revoked['role']})")
+    show_done(revoked, f"revoked {revoked['id']} ({revoked['role']})", as_json=as_json)

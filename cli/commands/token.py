@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from fieldline.cli.commands.common import DEFAULT_URL, JsonOpt, KeyOpt, UrlOpt, admin, labels
-from fieldline.cli.output import print_json, print_table
+from fieldline.cli.output import print_json, show_done, show_rows
 
 token_app = typer.Typer(no_args_is_help=True, help="Enrollment tokens.")
 
@@ -45,10 +45,7 @@ def token_list(url: UrlOpt = DEFAULT_URL, key: KeyOpt = None, as_json: JsonOpt =
     """List enrollment tokens (never their secrets): active, used, expired, revoked."""
     with admin(url, key) as c:
         tokens = c.list_tokens()
-    if as_json:
-        print_json(tokens)
-    else:
-        print_table(tokens, TOKEN_COLUMNS, title="enrollment tokens")
+    show_rows(tokens, TOKEN_COLUMNS, title="enrollment tokens", as_json=as_json)
 
 
 @token_app.command("revoke")
@@ -61,7 +58,4 @@ def token_revoke(
     """Cancel a token at once so it can no longer enroll a node."""
     with admin(url, key) as c:
         revoked = c.revoke_token(token_id)
-    if as_json:
-        print_json(revoked)
-    else:
-        print(f"revoked {revoked['id']}")
+    show_done(revoked, f"revoked {revoked['id']}", as_json=as_json)
